@@ -33,6 +33,22 @@ def _split64(value: int) -> tuple[int, int]:
 def philox4x32_10(group: torch.Tensor, offset: int, seed: int) -> list[torch.Tensor]:
     """Four 32-bit words (as int64 tensors shaped like `group`) for counter
     (group, offset) under key `seed`; `group` is an int64 tensor of counter indices."""
+    return list(_philox_words(group, as_int64("offset", offset), as_int64("seed", seed)).unbind(0))
+
+
+def as_int64(name: str, value: int) -> int:
+    """A uint64 seed or offset (any Python int, taken mod 2^64) as the int64 that op
+    schemas carry; the kernels read the bits back as uint64."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{name}: expected an int, got {type(value).__name__}")
+    value &= (1 << 64) - 1
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+# An opaque op, so that torch.compile sees one node: inlined, the ten rounds (each word
+# used twice per round) grow into an expression that inductor cannot generate in time.
+@torch.library.custom_op("diffusionblocks_reference::philox_words", mutates_args=())
+def _philox_words(group: torch.Tensor, offset: int, seed: int) -> torch.Tensor:
     c0, c1 = group & _MASK32, (group >> 32) & _MASK32
     off_lo, off_hi = _split64(offset)
     c2, c3 = torch.full_like(group, off_lo), torch.full_like(group, off_hi)
@@ -42,7 +58,12 @@ def philox4x32_10(group: torch.Tensor, offset: int, seed: int) -> list[torch.Ten
         hi1, lo1 = _mulhilo32(_MUL[1], c2)
         c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
         k0, k1 = (k0 + _WEYL[0]) & _MASK32, (k1 + _WEYL[1]) & _MASK32
-    return [c0, c1, c2, c3]
+    return torch.stack([c0, c1, c2, c3])
+
+
+@_philox_words.register_fake
+def _(group, offset, seed):
+    return group.new_empty((4,) + tuple(group.shape))
 
 
 def uniform24(bits: torch.Tensor) -> torch.Tensor:

@@ -22,14 +22,6 @@ def backend(tensor: torch.Tensor) -> str:
     return "reference"
 
 
-def _int64(value: int) -> int:
-    """A uint64 seed or offset as the int64 the schema carries (the kernels read it back as uint64)."""
-    if not isinstance(value, int):
-        raise ValueError(f"offset: expected an int, got {type(value).__name__}")
-    value &= (1 << 64) - 1
-    return value - (1 << 64) if value >= 1 << 63 else value
-
-
 def _rows(s, x):
     return s.to(acc_dtype(x.dtype)).reshape((-1,) + (1,) * (x.dim() - 1))
 
@@ -50,8 +42,8 @@ def sample_sigma(n, sigma_lo, sigma_hi, *, seed=None, offset=0, p_mean=P_MEAN, p
     reference.check_sample_sigma(n, sigma_lo, sigma_hi, p_mean, p_std)
     seed = _philox.resolve_seed(seed, generator)
     out = torch.empty(n, dtype=torch.float64, device=device)
-    torch.ops.diffusionblocks.sample_sigma_(out, float(sigma_lo), float(sigma_hi), _int64(seed),
-                                            _int64(offset), float(p_mean), float(p_std))
+    torch.ops.diffusionblocks.sample_sigma_(out, float(sigma_lo), float(sigma_hi), _philox.as_int64("seed", seed),
+                                            _philox.as_int64("offset", offset), float(p_mean), float(p_std))
     return out.to(dtype)
 
 
@@ -63,7 +55,8 @@ def add_noise(y, sigma, *, seed=None, offset=0, sigma_data=SIGMA_DATA, generator
                                    generator=generator)
     reference.check_add_noise(y, sigma, sigma_data)
     seed = _philox.resolve_seed(seed, generator)
-    return torch.ops.diffusionblocks.add_noise(y, sigma, _int64(seed), _int64(offset), float(sigma_data))
+    return torch.ops.diffusionblocks.add_noise(y, sigma, _philox.as_int64("seed", seed),
+                                               _philox.as_int64("offset", offset), float(sigma_data))
 
 
 def denoise(F, z, sigma, *, sigma_data=SIGMA_DATA):

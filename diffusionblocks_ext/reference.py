@@ -34,6 +34,11 @@ def _rows(s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return s.to(acc_dtype(x.dtype)).reshape((-1,) + (1,) * (x.dim() - 1))
 
 
+def _per_row(x: torch.Tensor) -> torch.Tensor:
+    """x viewed as [N, M] (M = product of the trailing dims; also for N = 0)."""
+    return x.reshape(x.shape[0], math.prod(x.shape[1:]))
+
+
 # EDM preconditioning (SPEC §2); sigma is a tensor.
 def c_skip(sigma, sigma_data=SIGMA_DATA):
     return sigma_data**2 / (sigma**2 + sigma_data**2)
@@ -196,7 +201,7 @@ def edm_loss(F, z, y, sigma, *, sigma_data=SIGMA_DATA):
     check_edm_loss(F, z, y, sigma, sigma_data)
     s = _rows(sigma, F)
     target = (y.to(s.dtype) - c_skip(s, sigma_data) * z.to(s.dtype)) / c_out(s, sigma_data)
-    return (F.to(s.dtype) - target).square().reshape(F.shape[0], -1).mean(dim=1)
+    return _per_row((F.to(s.dtype) - target).square()).mean(dim=1)
 
 
 def check_weighted_cross_entropy(logits, target, weight, ignore_index):
@@ -230,5 +235,5 @@ def weighted_cross_entropy(logits, target, weight, *, ignore_index=-100):
     flat = logits.reshape(-1, logits.shape[-1]).to(acc)
     ce = torch.nn.functional.cross_entropy(flat, target.reshape(-1), reduction="none",
                                            ignore_index=ignore_index)
-    per_example = ce.reshape(logits.shape[0], -1).mean(dim=1)
+    per_example = _per_row(ce.reshape(logits.shape[:-1])).mean(dim=1)
     return weight.to(acc) * per_example

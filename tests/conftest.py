@@ -1,0 +1,36 @@
+import pytest
+import torch
+
+import diffusionblocks_ext as dx
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+FLOAT_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+# Tolerances for op vs reference: both compute in the accumulation dtype, so only the
+# final rounding (and fused multiply-adds) differ.
+TOLERANCE = {
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.float64: dict(rtol=1e-12, atol=1e-12),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2),
+    torch.float16: dict(rtol=2e-3, atol=2e-3),
+}
+
+requires_ext = pytest.mark.skipif(not dx.HAS_EXT, reason="compiled extension not loaded")
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
+
+
+def rand(*shape, dtype=torch.float32, device="cpu", generator=None, low=-2.0, high=2.0):
+    """Fresh random values (never zeros), drawn in float64 then cast."""
+    x = torch.rand(*shape, dtype=torch.float64, generator=generator) * (high - low) + low
+    return x.to(dtype=dtype, device=device)
+
+
+def rand_sigma(n, device="cpu", generator=None, low=0.002, high=80.0, dtype=torch.float32):
+    """Per-example σ spread log-uniformly over [low, high]."""
+    u = torch.rand(n, dtype=torch.float64, generator=generator)
+    return torch.exp(torch.log(torch.tensor(low)) + u * (torch.log(torch.tensor(high / low)))).to(
+        dtype).to(device)
