@@ -78,25 +78,113 @@ void sigma(const char* name, const at::Tensor& s, const char* ref_name, const at
   values_positive(name, s, allow_zero);
 }
 
-void cross_entropy_args(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& weight,
-                        int64_t ignore_index) {
+void sample_sigma_args(const at::Tensor& out, double sigma_lo, double sigma_hi, double p_mean, double p_std) {
+  floating("out", out);
+  TORCH_CHECK_VALUE(std::isfinite(sigma_lo) && std::isfinite(sigma_hi) && 0 < sigma_lo && sigma_lo <= sigma_hi,
+                    "sigma_lo, sigma_hi: expected 0 < sigma_lo <= sigma_hi, both finite, got sigma_lo=", sigma_lo,
+                    ", sigma_hi=", sigma_hi);
+  TORCH_CHECK_VALUE(std::isfinite(p_mean), "p_mean: expected a finite number, got ", p_mean);
+  positive_number("p_std", p_std);
+}
+
+void add_noise_args(const at::Tensor& y, const at::Tensor& sigma, double sigma_data) {
+  floating("y", y);
+  batched("y", y);
+  check::sigma("sigma", sigma, "y", y);
+  positive_number("sigma_data", sigma_data);
+}
+
+void denoise_args(const at::Tensor& F, const at::Tensor& z, const at::Tensor& sigma, double sigma_data) {
+  floating("F", F);
+  batched("F", F);
+  like("z", z, "F", F);
+  check::sigma("sigma", sigma, "F", F);
+  positive_number("sigma_data", sigma_data);
+}
+
+void euler_step_args(const at::Tensor& z, const at::Tensor& F, const at::Tensor& sigma,
+                     const at::Tensor& sigma_next, double sigma_data) {
+  floating("z", z);
+  batched("z", z);
+  like("F", F, "z", z);
+  check::sigma("sigma", sigma, "z", z);
+  check::sigma("sigma_next", sigma_next, "z", z, /*allow_zero=*/true);  // stepping to 0 returns D
+  positive_number("sigma_data", sigma_data);
+}
+
+void heun_step_args(const at::Tensor& z, const at::Tensor& F, const at::Tensor& z_euler, const at::Tensor& F_euler,
+                    const at::Tensor& sigma, const at::Tensor& sigma_next, double sigma_data) {
+  floating("z", z);
+  batched("z", z);
+  like("F", F, "z", z);
+  like("z_euler", z_euler, "z", z);
+  like("F_euler", F_euler, "z", z);
+  check::sigma("sigma", sigma, "z", z);
+  check::sigma("sigma_next", sigma_next, "z", z);  // the slope at σ_next divides by it
+  positive_number("sigma_data", sigma_data);
+}
+
+void edm_loss_args(const at::Tensor& F, const at::Tensor& z, const at::Tensor& y, const at::Tensor& sigma,
+                   double sigma_data) {
+  floating("F", F);
+  batched("F", F);
+  like("z", z, "F", F);
+  like("y", y, "F", F);
+  check::sigma("sigma", sigma, "F", F);
+  positive_number("sigma_data", sigma_data);
+}
+
+void edm_loss_backward_args(const at::Tensor& grad, const at::Tensor& F, const at::Tensor& z, const at::Tensor& y,
+                            const at::Tensor& sigma) {
+  floating("F", F);
+  batched("F", F);
+  like("z", z, "F", F);
+  like("y", y, "F", F);
+  per_example("sigma", sigma, "F", F);
+  per_example("grad", grad, "F", F);
+}
+
+static void logits_shape(const at::Tensor& logits) {
   floating("logits", logits);
   TORCH_CHECK_VALUE(logits.dim() == 2 || logits.dim() == 3,
                     "logits: expected shape [N, C] or [N, T, C], got ", logits.sizes());
-  const int64_t classes = logits.size(-1);
-  TORCH_CHECK_VALUE(classes > 0, "logits: expected at least one class (C >= 1), got C = 0");
+}
+
+static void per_position(const char* name, const at::Tensor& t, const at::Tensor& logits) {
+  same_device(name, t, "logits", logits);
+  const auto expected = logits.sizes().slice(0, logits.dim() - 1);
+  TORCH_CHECK_VALUE(t.sizes() == expected, name, ": expected shape ", expected,
+                    " (logits without its class dim), got ", t.sizes());
+}
+
+static void class_indices(const at::Tensor& target, const at::Tensor& logits) {
   TORCH_CHECK_VALUE(target.scalar_type() == c10::ScalarType::Long,
                     "target: expected an int64 tensor of class indices, got ", dtype_name(target.scalar_type()));
-  same_device("target", target, "logits", logits);
-  const auto expected = logits.sizes().slice(0, logits.dim() - 1);
-  TORCH_CHECK_VALUE(target.sizes() == expected, "target: expected shape ", expected,
-                    " (logits without its class dim), got ", target.sizes());
+  per_position("target", target, logits);
+}
+
+void cross_entropy_args(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& weight,
+                        int64_t ignore_index) {
+  logits_shape(logits);
+  const int64_t classes = logits.size(-1);
+  TORCH_CHECK_VALUE(classes > 0, "logits: expected at least one class (C >= 1), got C = 0");
+  class_indices(target, logits);
   per_example("weight", weight, "logits", logits);
   if (target.device().is_cpu() && target.numel() > 0) {
     const auto valid = target.ge(0).logical_and_(target.lt(classes)).logical_or_(target.eq(ignore_index));
     TORCH_CHECK_VALUE(valid.all().item<bool>(), "target: expected class indices in [0, ", classes,
                       ") or ignore_index = ", ignore_index);
   }
+}
+
+void cross_entropy_backward_args(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& target,
+                                 const at::Tensor& weight, const at::Tensor& lse) {
+  logits_shape(logits);
+  class_indices(target, logits);
+  floating("lse", lse);
+  per_position("lse", lse, logits);
+  per_example("weight", weight, "logits", logits);
+  per_example("grad", grad, "logits", logits);
 }
 
 }  // namespace dbx::check

@@ -19,11 +19,26 @@ void per_example(const char* name, const at::Tensor& s, const char* ref_name, co
 void positive_number(const char* name, double value);
 // Reads the values: only for CPU tensors (the Python layer checks CUDA ones, once per call).
 void values_positive(const char* name, const at::Tensor& s, bool allow_zero);
-// Checks of the σ vector of a step op: per_example + values_positive on CPU.
+// Checks of a σ vector: per_example + values_positive on CPU.
 void sigma(const char* name, const at::Tensor& s, const char* ref_name, const at::Tensor& ref,
            bool allow_zero = false);
-// Checks of weighted_cross_entropy's (logits, target, weight); target values on CPU only.
+
+// The whole argument check of each op, called first by its CPU and its CUDA kernel.
+void sample_sigma_args(const at::Tensor& out, double sigma_lo, double sigma_hi, double p_mean, double p_std);
+void add_noise_args(const at::Tensor& y, const at::Tensor& sigma, double sigma_data);
+void denoise_args(const at::Tensor& F, const at::Tensor& z, const at::Tensor& sigma, double sigma_data);
+void euler_step_args(const at::Tensor& z, const at::Tensor& F, const at::Tensor& sigma,
+                     const at::Tensor& sigma_next, double sigma_data);
+void heun_step_args(const at::Tensor& z, const at::Tensor& F, const at::Tensor& z_euler, const at::Tensor& F_euler,
+                    const at::Tensor& sigma, const at::Tensor& sigma_next, double sigma_data);
+void edm_loss_args(const at::Tensor& F, const at::Tensor& z, const at::Tensor& y, const at::Tensor& sigma,
+                   double sigma_data);
+void edm_loss_backward_args(const at::Tensor& grad, const at::Tensor& F, const at::Tensor& z, const at::Tensor& y,
+                            const at::Tensor& sigma);
+// Target values are checked on CPU only (the Python layer checks CUDA ones).
 void cross_entropy_args(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& weight,
                         int64_t ignore_index);
+void cross_entropy_backward_args(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& target,
+                                 const at::Tensor& weight, const at::Tensor& lse);
 
 }  // namespace dbx::check

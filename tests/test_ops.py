@@ -88,7 +88,9 @@ def test_add_noise_matches_reference(device, dtype, n, trailing):
         ref = R.add_noise(layout, sigma, seed=42, offset=n)
         for a, b in zip(ours, ref):
             assert a.dtype == dtype and a.shape == y.shape
-            assert_close(a, b, dtype)
+            # ε is float32 for every dtype, and libm/Sleef/CUDA round log, sin, cos
+            # differently in the last ulp: float64 outputs match to float32 precision.
+            assert_close(a, b, torch.float32 if dtype == torch.float64 else dtype)
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)

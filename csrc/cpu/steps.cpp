@@ -20,11 +20,7 @@ using at::Tensor;
 Tensor acc_vector(const Tensor& s, c10::ScalarType acc) { return s.to(acc).contiguous(); }
 
 Tensor denoise(const Tensor& F, const Tensor& z, const Tensor& sigma, double sigma_data) {
-  check::floating("F", F);
-  check::batched("F", F);
-  check::like("z", z, "F", F);
-  check::sigma("sigma", sigma, "F", F);
-  check::positive_number("sigma_data", sigma_data);
+  check::denoise_args(F, z, sigma, sigma_data);
   const Tensor Fc = F.contiguous(), zc = z.contiguous();
   Tensor out = at::empty_like(Fc);
   const int64_t rows = F.size(0), cols = rows ? F.numel() / rows : 0;
@@ -46,19 +42,9 @@ Tensor denoise(const Tensor& F, const Tensor& z, const Tensor& sigma, double sig
   return out;
 }
 
-void check_step(const Tensor& z, const Tensor& F, const Tensor& sigma, const Tensor& sigma_next,
-                double sigma_data, bool next_may_be_zero) {
-  check::floating("z", z);
-  check::batched("z", z);
-  check::like("F", F, "z", z);
-  check::sigma("sigma", sigma, "z", z);
-  check::sigma("sigma_next", sigma_next, "z", z, next_may_be_zero);
-  check::positive_number("sigma_data", sigma_data);
-}
-
 Tensor euler_step(const Tensor& z, const Tensor& F, const Tensor& sigma, const Tensor& sigma_next,
                   double sigma_data, bool denoised) {
-  check_step(z, F, sigma, sigma_next, sigma_data, /*next_may_be_zero=*/true);
+  check::euler_step_args(z, F, sigma, sigma_next, sigma_data);
   const Tensor zc = z.contiguous(), Fc = F.contiguous();
   Tensor out = at::empty_like(zc);
   const int64_t rows = z.size(0), cols = rows ? z.numel() / rows : 0;
@@ -84,9 +70,7 @@ Tensor euler_step(const Tensor& z, const Tensor& F, const Tensor& sigma, const T
 
 Tensor heun_step(const Tensor& z, const Tensor& F, const Tensor& z_euler, const Tensor& F_euler,
                  const Tensor& sigma, const Tensor& sigma_next, double sigma_data, bool denoised) {
-  check_step(z, F, sigma, sigma_next, sigma_data, /*next_may_be_zero=*/false);
-  check::like("z_euler", z_euler, "z", z);
-  check::like("F_euler", F_euler, "z", z);
+  check::heun_step_args(z, F, z_euler, F_euler, sigma, sigma_next, sigma_data);
   const Tensor zc = z.contiguous(), Fc = F.contiguous(), z2 = z_euler.contiguous(), F2 = F_euler.contiguous();
   Tensor out = at::empty_like(zc);
   const int64_t rows = z.size(0), cols = rows ? z.numel() / rows : 0;
