@@ -83,8 +83,8 @@ struct PhiloxX8 {
   __m256i c[4][kLanes];
 };
 inline PhiloxX8 philox_x8(uint64_t g, uint64_t offset, uint64_t seed) {
-  const __m256i mul0 = _mm256_set1_epi32(static_cast<int>(0xD2511F53u));
-  const __m256i mul1 = _mm256_set1_epi32(static_cast<int>(0xCD9E8D57u));
+  const __m256i mul0 = _mm256_set1_epi32(static_cast<int>(dbx::kPhiloxMul0));
+  const __m256i mul1 = _mm256_set1_epi32(static_cast<int>(dbx::kPhiloxMul1));
   const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   PhiloxX8 p;
   for (int v = 0; v < kLanes; ++v, g += 8) {
@@ -112,8 +112,8 @@ inline PhiloxX8 philox_x8(uint64_t g, uint64_t offset, uint64_t seed) {
       p.c[2][v] = _mm256_xor_si256(_mm256_xor_si256(hi0, p.c[3][v]), key1);
       p.c[3][v] = lo0;
     }
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
+    k0 += dbx::kPhiloxWeyl0;
+    k1 += dbx::kPhiloxWeyl1;
   }
   return p;
 }
