@@ -124,14 +124,12 @@ class Timer:
     def __call__(self, fn):
         started = time.perf_counter()
         for _ in range(self.warmup):  # at least one call, at most `warmup` or ~0.3 s
+            t0 = time.perf_counter()
             fn()
+            self._sync()
+            estimate = max(time.perf_counter() - t0, 1e-7)  # of one call, for the CUDA inner loop
             if time.perf_counter() - started > 0.3:
                 break
-        self._sync()
-        t0 = time.perf_counter()
-        fn()
-        self._sync()
-        estimate = max(time.perf_counter() - t0, 1e-7)
         inner = max(1, min(1000, int(1e-3 / estimate))) if self.cuda else 1
         samples, started = [], time.perf_counter()
         while True:
@@ -402,8 +400,15 @@ def _brief(error):
 
 # ----------------------------------------------------------------------------- output
 
+def _loadavg():
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def machine_info(device):
-    info = {"python": platform.python_version(), "torch": torch.__version__,
+    info = {"loadavg_start": _loadavg(), "python": platform.python_version(), "torch": torch.__version__,
             "platform": platform.platform(), "threads": torch.get_num_threads(),
             "cores": os.cpu_count(), "cpu": platform.processor() or platform.machine()}
     try:
@@ -567,8 +572,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m diffusionblocks_ext.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    p.add_argument("--sizes", default="16,18,20,22,24",
-                   help="element counts: exponents of 2 (16,20), 2^N, or plain counts (default 16,18,20,22,24)")
+    p.add_argument("--sizes", default="16,20,22,24",
+                   help="element counts: exponents of 2 (16,20), 2^N, or plain counts (default 16,20,22,24; "
+                        "the full sweep is 16,18,20,22,24)")
     p.add_argument("--ops", default="all", help="comma-separated subset of: " + ", ".join(ALL_OPS))
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--rows", type=int, default=256, help="N (examples) of the [N, D] inputs (default 256)")
@@ -623,6 +629,10 @@ def main(argv=None):
     print(f"# diffusionblocks_ext op benchmark on {device.type}: "
           f"{info.get('gpu', {}).get('name', info['cpu'])}, {info['cores']} cores, "
           f"{info['threads']} threads, torch {info['torch']}, backend {info['ext']['backend']}")
+    load = info.get("loadavg_start")
+    if device.type == "cpu" and load and load[0] > 0.5 * (os.cpu_count() or 1):
+        print(f"# WARNING: load average {load[0]} on {os.cpu_count()} cores at the start: other processes "
+              "compete for the CPU and inflate (and quantize) the timings")
     print(f"# copy ceiling: {ceiling:.1f} GB/s (dst.copy_(src), {copy_numel} fp32 elements, "
           f"read + write, median of {copy_reps})", flush=True)
 
@@ -663,6 +673,10 @@ def main(argv=None):
     for n in notes:
         print("note:", n)
 
+    info["loadavg_end"] = _loadavg()
+    if device.type == "cpu" and info["loadavg_end"]:
+        print(f"load average (1, 5, 15 min): {info.get('loadavg_start')} at the start, "
+              f"{info['loadavg_end']} at the end, on {os.cpu_count()} cores")
     result = write_json(out, args, device, sizes, ops, info, copy_numel, ceiling, copy_s, copy_reps,
                         rows, notes, started, complete=True)
     print(f"\nwrote {out} ({result['wall_s']} s)")

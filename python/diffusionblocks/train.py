@@ -1,0 +1,244 @@
+"""The training loop (SPEC §4), block-wise or end-to-end, read top to bottom:
+
+    every step: pick block b -> batch (x, labels) -> σ per example from b's range ->
+    z = y + σ·ε (op) -> only b's layers -> λ(σ)-weighted loss (op) -> backward ->
+    clip 1.0 -> AdamW step (only b and the shared modules have gradients)
+
+End to end (--mode e2e) the same model runs all its layers on the clean input, with a
+learned constant in place of the σ-embedding (vit.py says why).
+Every random draw of step s comes from a generator seeded by (seed, s), so a run is a
+pure function of its config and a resumed run repeats the uninterrupted one bit for bit.
+"""
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import diffusionblocks_ext as dx
+
+from . import checkpoint, data, sampler, schedule
+from .config import TrainConfig, to_dict, validate
+from .logs import MetricsLog, plot_loss_by_block
+from .memory import SavedActivations, optimizer_state_bytes, tensor_bytes
+from .vit import ViT, ViTClassification
+
+EVAL_SEED = 0  # the sampler's starting noise at evaluation; fixed so evaluation is repeatable
+
+
+def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices (and the label/[CLS] embeddings), not on biases or the positions."""
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and n != "pos_embed"]
+    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and n != "pos_embed")]
+    groups = [{"params": decay, "weight_decay": config.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.999))
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, out_dir=None):
+        self.config = validate(config)
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        torch.manual_seed(config.seed)  # the initial weights
+        self.data = data.load()
+        self.model = ViT(config.model, self.data.image_size, self.data.channels, self.data.num_classes)
+        self.task = ViTClassification(self.model, config.normalized_inference_embedding)
+        self.plan = config.partition_plan()
+        self.optimizer = build_optimizer(self.model, config)
+        self.step = 0
+        # Counters that a checkpoint carries: layer forward calls (each over one batch),
+        # seconds spent, and the measured memory.
+        self.counters = {"train_layer_evals": 0, "inference_layer_evals": 0, "wall_s": 0.0,
+                         "activation_bytes_by_block": {}, "grad_bytes": 0}
+        for layer in self.model.layers:
+            layer.register_forward_pre_hook(self._count_layer_call)
+
+    def _count_layer_call(self, module, args):
+        self.counters["train_layer_evals" if torch.is_grad_enabled() else "inference_layer_evals"] += 1
+
+    # --- the schedule of one run ---------------------------------------------------------
+    def step_generator(self, step: int) -> torch.Generator:
+        return torch.Generator().manual_seed((self.config.seed << 32) + step)
+
+    def _segment(self, step: int) -> tuple[int, int, int]:
+        """(block, first step, end step) of the sequential schedule's segment holding `step`."""
+        total, blocks = self.config.total_steps, self.plan.num_blocks
+        for block in range(blocks):
+            start, end = block * total // blocks, (block + 1) * total // blocks
+            if step < end:
+                return block, start, end
+        return blocks - 1, (blocks - 1) * total // blocks, total
+
+    def choose_block(self, step: int, generator: torch.Generator) -> int:
+        blocks = self.plan.num_blocks
+        if self.config.block_schedule == "round-robin":
+            return step % blocks
+        if self.config.block_schedule == "sequential":
+            return self._segment(step)[0]
+        return int(torch.randint(0, blocks, (), generator=generator))
+
+    def lr_at(self, step: int) -> float:
+        """Linear warm-up then cosine decay to 0. The sequential schedule trains one block
+        after another, so each block gets its own warm-up and decay."""
+        start, end, warmup = 0, self.config.total_steps, self.config.warmup_steps
+        if self.config.block_schedule == "sequential" and self.plan.num_blocks > 1:
+            _, start, end = self._segment(step)
+            warmup = self.config.warmup_e2e_steps
+        local, length = step - start, end - start
+        if local < warmup:
+            return self.config.lr * (local + 1) / warmup
+        progress = (local - warmup) / max(1, length - warmup)
+        return self.config.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+    # --- one step ----------------------------------------------------------------------
+    def forward_loss(self, block: int, images, labels, generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Mean training loss of one batch for `block` and the σ's drawn (None end to end)."""
+        if self.config.mode == "e2e":
+            return self.task.end_to_end_loss(self.task.end_to_end(images), labels).mean(), None
+        sigma = schedule.sample_sigmas(len(labels), self.plan.training_range(block), generator=generator)
+        z, z_in = dx.add_noise(self.task.target(labels), sigma, generator=generator)
+        _, logits = self.task.denoise(images, z, z_in, sigma, self.plan.layers(block))
+        return self.task.denoising_loss(logits, labels, sigma).mean(), sigma
+
+    def train_step(self, step: int) -> dict:
+        """Step `step` of the run: its block, batch and noise all come from its own generator."""
+        generator = self.step_generator(step)
+        return self.block_step(self.choose_block(step, generator), step, generator)
+
+    def block_step(self, block: int, step: int, generator: torch.Generator) -> dict:
+        """One optimizer step that runs and updates only `block` (and the shared modules)."""
+        config = self.config
+        images, labels = data.train_batch(self.data, step, config.batch_size, config.seed,
+                                          config.max_shift, generator)
+        with SavedActivations(self.model.parameters()) as saved:
+            loss, sigma = self.forward_loss(block, images, labels, generator)
+        loss.backward()
+        measured = self.counters["activation_bytes_by_block"]
+        measured[str(block)] = max(measured.get(str(block), 0), saved.bytes)
+        with_grad = [p for p in self.model.parameters() if p.grad is not None]
+        self.counters["grad_bytes"] = max(self.counters["grad_bytes"], tensor_bytes(p.grad for p in with_grad))
+        grad_norm = torch.nn.utils.clip_grad_norm_(with_grad, config.grad_clip)
+        lr = self.lr_at(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)  # None, not 0: AdamW then skips inactive blocks
+        record = {"step": step + 1, "block": block, "lr": lr, "loss": loss.item(), "grad_norm": grad_norm.item()}
+        if sigma is not None:
+            record.update(sigma_min=sigma.min().item(), sigma_median=sigma.median().item(),
+                          sigma_max=sigma.max().item())
+        return record
+
+    # --- evaluation --------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        if self.config.mode == "e2e":
+            return self.task.end_to_end(images)
+        steps = self.config.inference_steps or self.plan.num_blocks
+        return sampler.denoise_chain(self.task, self.plan, images, (self.config.model.width,), steps,
+                                     torch.Generator().manual_seed(EVAL_SEED), self.config.inference_schedule)
+
+    def evaluate(self) -> dict:
+        metrics = self.task.metrics(self.predict(self.data.test_images), self.data.test_labels)
+        return {"test_" + name: value for name, value in metrics.items()}
+
+    # --- the run -----------------------------------------------------------------------
+    def save(self):
+        checkpoint.save(self.out_dir, self.model, self.optimizer, self.step, self.counters)
+
+    def resume(self):
+        state = checkpoint.load(self.out_dir, self.model, self.optimizer)
+        self.step, self.counters = state["step"], state["counters"]
+
+    def run(self, resume: bool = False, stop_after: int | None = None) -> dict | None:
+        """Trains to the end (or until `stop_after` steps, then checkpoints and returns None,
+        as an interruption would); returns the report."""
+        config, out = self.config, self.out_dir
+        out.mkdir(parents=True, exist_ok=True)
+        if resume:
+            self.resume()
+        else:
+            (out / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
+        log = MetricsLog(out / "metrics.jsonl", resume_step=self.step if resume else None)
+        end = config.total_steps if stop_after is None else min(stop_after, config.total_steps)
+        bar = tqdm(total=config.total_steps, initial=self.step, disable=not config.progress,
+                   desc=f"{config.mode} B={self.plan.num_blocks}", dynamic_ncols=True)
+        started = time.perf_counter()
+        try:  # an interruption (Ctrl-C) leaves the last checkpoint as the place to resume from
+            while self.step < end:
+                record = self.train_step(self.step)
+                self.step += 1
+                log.write(record)
+                bar.update(1)
+                if self.step % 10 == 0:
+                    bar.set_postfix(loss=f"{record['loss']:.3g}", block=record["block"])
+                if config.eval_every and self.step % config.eval_every == 0 and self.step < config.total_steps:
+                    log.write({"step": self.step, "eval": self.evaluate()})
+                if self.step % config.checkpoint_every == 0 or self.step == end:
+                    self.counters["wall_s"] += time.perf_counter() - started
+                    started = time.perf_counter()
+                    self.save()
+                    log.flush()
+            if self.step < config.total_steps:
+                return None
+            return self.finish(log)
+        finally:
+            bar.close()
+            log.close()
+
+    def finish(self, log: MetricsLog) -> dict:
+        """Final evaluation, plot and report.json."""
+        started = time.perf_counter()
+        self.counters["inference_layer_evals"] = 0  # report the layer calls of this one evaluation
+        metrics = self.evaluate()
+        if self.config.mode == "blocks":  # SPEC §6 leaves the sampler's E open: measure both
+            configured = self.task.normalized_inference_embedding
+            self.task.normalized_inference_embedding = not configured
+            other = self.evaluate()["test_accuracy"]
+            self.task.normalized_inference_embedding = configured
+            metrics["test_accuracy_normalized_E"] = metrics["test_accuracy"] if configured else other
+            metrics["test_accuracy_unnormalized_E"] = other if configured else metrics["test_accuracy"]
+            self.counters["inference_layer_evals"] //= 2
+        self.counters["wall_s"] += time.perf_counter() - started
+        log.write({"step": self.step, "eval": metrics})
+        log.flush()
+        plot_loss_by_block(self.out_dir / "metrics.jsonl", self.out_dir / "loss_by_block.png",
+                           self.plan.num_blocks, self.config.mode == "e2e")
+        report = self.report(metrics)
+        (self.out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        return report
+
+    def report(self, metrics: dict) -> dict:
+        config, counters = self.config, self.counters
+        activations = counters["activation_bytes_by_block"]
+        parameters = list(self.model.parameters())
+        return {
+            "preset": config.preset, "mode": config.mode, "blocks": self.plan.num_blocks,
+            "partition": config.partition if config.mode == "blocks" else None,
+            "gamma": config.gamma if config.mode == "blocks" else None,
+            "block_schedule": config.block_schedule, "seed": config.seed,
+            "steps": self.step, "e2e_steps": config.e2e_steps, "batch_size": config.batch_size,
+            "metrics": metrics,
+            "layer_evals": counters["train_layer_evals"],
+            "inference_layer_evals": counters["inference_layer_evals"],
+            "wall_s": round(counters["wall_s"], 3),
+            "memory": {
+                "activation_bytes_per_step": max(activations.values()),
+                "activation_bytes_by_block": activations,
+                "param_bytes": tensor_bytes(parameters),
+                "grad_bytes": counters["grad_bytes"],
+                "optimizer_bytes": optimizer_state_bytes(self.optimizer),
+            },
+            "backend": dx.backend(parameters[0]),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        }
+
+
+def train(config: TrainConfig, out_dir, resume: bool = False, stop_after: int | None = None) -> dict | None:
+    return Trainer(config, out_dir).run(resume=resume, stop_after=stop_after)

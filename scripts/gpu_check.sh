@@ -1,0 +1,354 @@
+#!/usr/bin/env bash
+# GPU check: one command for a machine with an NVIDIA GPU and no network (torch with CUDA
+# already installed). From the repository root or anywhere:
+#
+#     scripts/gpu_check.sh RESULTS_DIR
+#
+#   0. environment   -> RESULTS_DIR/env.log          (nvidia-smi, python, torch, nvcc, ninja, pytest)
+#   1. build         -> RESULTS_DIR/build.log        (in place, CUDA kernels for the visible GPU)
+#   2. cross-check   -> RESULTS_DIR/crosscheck.log   (CUDA vs CPU kernel vs reference, same seeds;
+#                                                      plain python, runs with or without pytest)
+#   3. tests         -> RESULTS_DIR/tests.log        (pytest tests with DBX_REQUIRE_EXT=1)
+#   4. benchmark     -> RESULTS_DIR/bench_cuda.{json,md,log}
+#   5. summary       -> RESULTS_DIR/summary.md
+#
+# Every step runs under `timeout` against one overall deadline (GPU_CHECK_BUDGET seconds,
+# default 330, so the whole script ends inside 6 minutes); a failed or timed-out step is
+# recorded and the script goes on. Exit status: 0 when every step passed, else 1.
+# Environment: PYTHON (default python3), GPU_CHECK_BUDGET, MAX_JOBS, TORCH_CUDA_ARCH_LIST,
+# CUDA_HOME (default: from `command -v nvcc`, else /usr/local/cuda).
+
+set -u
+set -o pipefail
+
+if [ $# -ne 1 ]; then
+    echo "usage: $0 RESULTS_DIR" >&2
+    exit 2
+fi
+mkdir -p "$1" || exit 2
+RESULTS=$(cd "$1" && pwd) || exit 2
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd) || exit 2
+cd "$ROOT" || exit 2
+
+PY=${PYTHON:-python3}
+BUDGET=${GPU_CHECK_BUDGET:-330}
+START=$(date +%s)
+SUMMARY="$RESULTS/summary.md"
+STATUS_LINES=()
+FAILED=0
+export PYTHONUNBUFFERED=1
+
+section() {
+    echo
+    echo "================================================================================"
+    echo "== $*   [t+$(( $(date +%s) - START ))s]"
+    echo "================================================================================"
+}
+
+# seconds left before the overall deadline, minus a reserve for what must still run
+left() {
+    local reserve=${1:-0}
+    echo $(( BUDGET - ($(date +%s) - START) - reserve ))
+}
+
+# cap MAX RESERVE: a step's time limit, at most MAX, leaving RESERVE seconds for later steps
+cap() {
+    local l
+    l=$(left "$2")
+    echo $(( l < $1 ? l : $1 ))
+}
+
+# run_step NAME LIMIT LOG CMD...: runs CMD under timeout, tees to LOG, records the outcome
+run_step() {
+    local name=$1 limit=$2 log=$3
+    shift 3
+    if [ "$limit" -lt 10 ]; then
+        echo "SKIPPED: no time left (${limit}s)" | tee "$log"
+        STATUS_LINES+=("| $name | SKIPPED (no time left) | 0 | $(basename "$log") |")
+        FAILED=1
+        return 124
+    fi
+    echo "\$ $*   (timeout ${limit}s, log $log)"
+    local t0 rc
+    t0=$(date +%s)
+    timeout -k 10 "$limit" "$@" 2>&1 | tee "$log"
+    rc=${PIPESTATUS[0]}
+    local dt=$(( $(date +%s) - t0 ))
+    local verdict=PASS
+    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+        verdict="TIMEOUT after ${limit}s"
+    elif [ "$rc" -ne 0 ]; then
+        verdict="FAIL (exit $rc)"
+    fi
+    [ "$verdict" = PASS ] || FAILED=1
+    echo "--> $name: $verdict in ${dt}s"
+    STATUS_LINES+=("| $name | $verdict | $dt | $(basename "$log") |")
+    return "$rc"
+}
+
+# ------------------------------------------------------------------------------ 0. environment
+section "0. environment"
+{
+    echo "date: $(date -Is)"
+    echo "host: $(uname -a)"
+    echo "repo: $ROOT ($(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo 'no git'))"
+    command -v nvidia-smi >/dev/null && nvidia-smi || echo "nvidia-smi: not found"
+    echo "python: $(command -v "$PY") $("$PY" --version 2>&1)"
+    "$PY" - <<'EOF'
+import os, torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("gpu", p.name, f"capability {p.major}.{p.minor}", f"{p.total_memory / 2**30:.1f} GiB",
+          f"{p.multi_processor_count} SMs")
+print("cpu cores", os.cpu_count(), "torch threads", torch.get_num_threads())
+EOF
+    echo "nvcc: $(command -v nvcc || echo 'not on PATH')"
+    command -v nvcc >/dev/null && nvcc --version | tail -n 2
+    if command -v ninja >/dev/null || "$PY" -c "import ninja" 2>/dev/null; then
+        echo "ninja: $(ninja --version 2>/dev/null || "$PY" -m ninja --version 2>/dev/null)"
+    else
+        echo "ninja: NOT FOUND (torch falls back to the slow serial distutils build)"
+    fi
+    "$PY" -m pytest --version 2>&1 || echo "pytest: NOT INSTALLED (the cross-check still runs)"
+} 2>&1 | tee "$RESULTS/env.log"
+
+GPU_OK=0
+"$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null && GPU_OK=1
+[ "$GPU_OK" -eq 1 ] || echo "WARNING: torch sees no GPU; CUDA steps will fail or skip"
+HAVE_PYTEST=0
+"$PY" -m pytest --version >/dev/null 2>&1 && HAVE_PYTEST=1
+
+# ------------------------------------------------------------------------------ 1. build
+section "1. build in place with CUDA"
+# CUDA_HOME: as given, else /usr/local/cuda when it holds nvcc, else the toolkit around the
+# nvcc on PATH (a wrapper script outside a toolkit is skipped: no include/cuda_runtime.h there)
+if [ -z "${CUDA_HOME:-}" ]; then
+    CUDA_HOME=/usr/local/cuda
+    if [ ! -x /usr/local/cuda/bin/nvcc ] && command -v nvcc >/dev/null; then
+        candidate=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
+        [ -f "$candidate/include/cuda_runtime.h" ] && CUDA_HOME=$candidate
+    fi
+fi
+export CUDA_HOME
+export PATH="$CUDA_HOME/bin:$PATH"
+if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ] && [ "$GPU_OK" -eq 1 ]; then
+    TORCH_CUDA_ARCH_LIST=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+    export TORCH_CUDA_ARCH_LIST
+fi
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+unset DBX_SKIP_EXT DBX_FORCE_CPU DBX_DISABLE_EXT
+echo "CUDA_HOME=$CUDA_HOME TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-unset} MAX_JOBS=$MAX_JOBS"
+# stale extensions from another Python/torch would shadow or confuse the fresh build
+rm -f diffusionblocks_ext/_C*.so
+# build_ext --inplace: no pip, no network, no dependency resolution
+run_step "build" "$(cap 180 180)" "$RESULTS/build.log" \
+    "$PY" setup.py build_ext --inplace
+{
+    echo "--- extension after the build:"
+    ls -l diffusionblocks_ext/_C*.so 2>&1
+    "$PY" -c "
+import diffusionblocks_ext as d, torch
+print('HAS_EXT', d.HAS_EXT, 'HAS_CUDA_KERNELS', d.HAS_CUDA_KERNELS,
+      'backend(cuda)', d.backend(torch.empty(0, device='cuda')) if torch.cuda.is_available() else 'no gpu')
+" 2>&1
+} | tee -a "$RESULTS/build.log"
+if ! "$PY" -c "import sys, diffusionblocks_ext as d; sys.exit(0 if d.HAS_CUDA_KERNELS else 1)" 2>/dev/null; then
+    echo "WARNING: the extension has no CUDA kernels (HAS_CUDA_KERNELS is False)"
+    STATUS_LINES+=("| CUDA kernels loaded | NO (HAS_CUDA_KERNELS False) | - | build.log |")
+    FAILED=1
+else
+    STATUS_LINES+=("| CUDA kernels loaded | yes | - | build.log |")
+fi
+
+# ------------------------------------------------------------------------------ 2. cross-check
+section "2. cross-check: CUDA kernel vs CPU kernel vs reference (same seeds)"
+CROSSCHECK=$(cat <<'EOF'
+"""Each public op on CUDA against the reference and the CPU kernel, same inputs and seeds.
+Runs with plain python (no pytest needed). Exit 1 on any mismatch."""
+import os, sys
+import torch
+import diffusionblocks_ext as dbx
+from diffusionblocks_ext import reference as ref
+
+DEV = os.environ.get("XCHECK_DEVICE", "cuda")  # cpu: a dry run of this script without a GPU
+assert DEV != "cuda" or torch.cuda.is_available(), "no GPU visible"
+print("HAS_EXT", dbx.HAS_EXT, "HAS_CUDA_KERNELS", dbx.HAS_CUDA_KERNELS,
+      f"backend({DEV})", dbx.backend(torch.empty(0, device=DEV)),
+      "backend(cpu)", dbx.backend(torch.empty(0)))
+failures, skipped = [], []
+g = torch.Generator().manual_seed(0)
+
+
+def tol(dtype):
+    return {torch.float64: 1e-9, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
+
+
+def compare(name, got, want, t, where):
+    gs = got if isinstance(got, (tuple, list)) else (got,)
+    ws = want if isinstance(want, (tuple, list)) else (want,)
+    worst = 0.0
+    for a, b in zip(gs, ws):
+        a, b = a.detach().double().cpu(), b.detach().double().cpu()
+        if a.shape != b.shape:
+            failures.append(f"{name} [{where}]: shape {list(a.shape)} vs {list(b.shape)}")
+            return
+        err = ((a - b).abs() / (b.abs() + 1)).max().item() if a.numel() else 0.0
+        worst = max(worst, err)
+    ok = worst <= t
+    print(f"  {'ok  ' if ok else 'FAIL'} {name:58s} {where:18s} max rel err {worst:.2e} (tol {t:.0e})")
+    if not ok:
+        failures.append(f"{name} [{where}]: max rel err {worst:.2e} > {t:.0e}")
+
+
+def run(name, fn, inputs, dtype, grad_wrt=(), floor=0.0):
+    """fn(*inputs) on CUDA vs the reference on CUDA vs the public op on CPU (the CPU kernel)."""
+    def call(f, xs):
+        xs = [x.detach().clone().requires_grad_(i in grad_wrt) if isinstance(x, torch.Tensor) else x
+              for i, x in enumerate(xs)]
+        out = f(*xs)
+        if grad_wrt:
+            first = out[0] if isinstance(out, tuple) else out
+            grads = torch.autograd.grad(first, [xs[i] for i in grad_wrt], torch.ones_like(first))
+            return (out if isinstance(out, tuple) else (out,)) + tuple(grads)
+        return out
+    t = max(tol(dtype), floor)
+    cuda_in = [x.to(DEV) if isinstance(x, torch.Tensor) else x for x in inputs]
+    try:
+        got = call(fn(dbx), cuda_in)
+        if DEV == "cuda":
+            torch.cuda.synchronize()
+    except Exception as e:
+        failures.append(f"{name} [cuda]: {type(e).__name__}: {e}".splitlines()[0])
+        print(f"  FAIL {name}: cuda raised {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        return
+    compare(name, got, call(fn(ref), cuda_in), t, f"{DEV} vs reference")
+    try:
+        cpu = call(fn(dbx), [x for x in inputs])
+    except NotImplementedError as e:
+        skipped.append(f"{name}: no CPU kernel ({str(e).splitlines()[0][:100]})")
+        print(f"  skip {name:58s} {DEV} vs cpu kernel: no CPU kernel")
+        return
+    compare(name, got, cpu, t, f"{DEV} vs cpu")
+
+
+SD = 0.5
+for dtype in (torch.float32, torch.float64, torch.bfloat16):
+    for shape in ((1, 5), (7, 33), (64, 1000), (3, 4, 37)):
+        n = shape[0]
+        r = lambda: torch.randn(*shape, generator=g).to(dtype)
+        s = torch.exp(-1.2 + 1.2 * torch.randn(n, generator=g)).clamp(0.002, 80).to(dtype)
+        sn = (0.7 * s).to(dtype)
+        tag = f"{str(dtype)[6:]} {list(shape)}"
+        run(f"add_noise {tag}", lambda m: (lambda y, s: m.add_noise(y, s, seed=123, offset=7)),
+            (r(), s), dtype, grad_wrt=(0,), floor=2e-5)  # noise is float32 for every dtype
+        run(f"denoise {tag}", lambda m: (lambda F, z, s: m.denoise(F, z, s)), (r(), r(), s), dtype,
+            grad_wrt=(0, 1))
+        for den in (False, True):
+            run(f"euler_step denoised={den} {tag}",
+                lambda m, den=den: (lambda z, F, s, sn: m.euler_step(z, F, s, sn, denoised=den)),
+                (r(), r(), s, sn), dtype, grad_wrt=(0, 1))
+            run(f"heun_step denoised={den} {tag}",
+                lambda m, den=den: (lambda z, F, ze, Fe, s, sn: m.heun_step(z, F, ze, Fe, s, sn, denoised=den)),
+                (r(), r(), r(), r(), s, sn), dtype, grad_wrt=(0, 1))
+        run(f"edm_loss {tag}", lambda m: (lambda F, z, y, s: m.edm_loss(F, z, y, s)), (r(), r(), r(), s),
+            dtype, grad_wrt=(0, 1, 2))
+    for shape in ((1, 3), (5, 1000), (4, 3, 37)):
+        logits = (3 * torch.randn(*shape, generator=g)).to(dtype)
+        target = torch.randint(0, shape[-1], shape[:-1], generator=g)
+        if len(shape) == 3:
+            target[0, 0] = -100
+        w = torch.rand(shape[0], generator=g) + 0.5
+        run(f"weighted_cross_entropy {str(dtype)[6:]} {list(shape)}",
+            lambda m: (lambda x, t, w: m.weighted_cross_entropy(x, t, w)), (logits, target, w), dtype,
+            grad_wrt=(0,))
+for n in (1, 1000, 4097):
+    def sample(m, device):
+        return m.sample_sigma(n, 0.002, 80.0, seed=5, offset=3, device=device, dtype=torch.float64)
+    try:
+        got = sample(dbx, DEV)
+        compare(f"sample_sigma n={n}", got, sample(ref, DEV), 1e-7, f"{DEV} vs reference")
+        try:
+            compare(f"sample_sigma n={n}", got, sample(dbx, "cpu"), 1e-7, f"{DEV} vs cpu")
+        except NotImplementedError:
+            skipped.append(f"sample_sigma n={n}: no CPU kernel")
+    except Exception as e:
+        failures.append(f"sample_sigma n={n}: {type(e).__name__}: {e}".splitlines()[0])
+# bad σ must raise on CUDA as on the CPU
+try:
+    dbx.denoise(torch.randn(2, 3, device=DEV), torch.randn(2, 3, device=DEV),
+                torch.tensor([1.0, -1.0], device=DEV))
+    failures.append(f"denoise with sigma <= 0 on {DEV} did not raise")
+except (ValueError, RuntimeError) as e:
+    print(f"  ok   denoise rejects sigma <= 0 on {DEV}:", str(e).splitlines()[0][:120])
+
+print(f"\n{len(failures)} failure(s), {len(skipped)} skipped comparison(s)")
+for f in failures:
+    print("FAIL:", f)
+for s in skipped:
+    print("skipped:", s)
+sys.exit(1 if failures else 0)
+EOF
+)
+run_step "cross-check (cuda vs cpu vs reference)" "$(cap 60 150)" \
+    "$RESULTS/crosscheck.log" env DBX_REQUIRE_EXT=1 "$PY" -c "$CROSSCHECK"
+
+# ------------------------------------------------------------------------------ 3. tests
+section "3. test suite (DBX_REQUIRE_EXT=1; CUDA tests run since a GPU is visible)"
+if [ "$HAVE_PYTEST" -eq 1 ]; then
+    run_step "pytest tests" "$(cap 150 90)" "$RESULTS/tests.log" \
+        env DBX_REQUIRE_EXT=1 "$PY" -m pytest tests -q -rfEs --maxfail=10 -p no:cacheprovider \
+        --durations=10
+else
+    echo "pytest is not installed: only the cross-check (step 2) ran" | tee "$RESULTS/tests.log"
+    STATUS_LINES+=("| pytest tests | NOT RUN (pytest missing; see cross-check) | 0 | tests.log |")
+fi
+
+# ------------------------------------------------------------------------------ 4. benchmark
+section "4. op benchmark on CUDA"
+BENCH_LIMIT=$(left 8)
+BENCH_ARGS=(--device cuda --sizes "16,20,22,24" --min-time 0.1 --max-time 0.5
+            --out "$RESULTS/bench_cuda.json" --markdown "$RESULTS/bench_cuda.md")
+if [ "$BENCH_LIMIT" -lt 100 ]; then
+    echo "only ${BENCH_LIMIT}s left: benchmark without the torch.compile variant"
+    BENCH_ARGS+=(--no-compile)
+fi
+run_step "benchmark (cuda)" "$BENCH_LIMIT" "$RESULTS/bench_cuda.log" \
+    env DBX_REQUIRE_EXT=1 "$PY" -m diffusionblocks_ext.bench "${BENCH_ARGS[@]}"
+
+# ------------------------------------------------------------------------------ 5. summary
+section "5. summary"
+{
+    echo "# GPU check $(date -Is)"
+    echo
+    echo "repo $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$ROOT" diff --quiet 2>/dev/null || echo ' (+ uncommitted changes)'), total $(( $(date +%s) - START ))s of a ${BUDGET}s budget"
+    echo
+    grep -E '^(torch|gpu|cpu cores)' "$RESULTS/env.log" | sed 's/^/    /'
+    echo
+    echo "| step | result | seconds | log |"
+    echo "|---|---|---:|---|"
+    printf '%s\n' "${STATUS_LINES[@]}"
+    echo
+    echo "## cross-check"
+    if grep -q 'failure(s)' "$RESULTS/crosscheck.log" 2>/dev/null; then
+        grep -E 'failure\(s\)|^FAIL|^skipped' "$RESULTS/crosscheck.log" | head -30 | sed 's/^/    /'
+    else
+        tail -n 5 "$RESULTS/crosscheck.log" 2>/dev/null | sed 's/^/    /'
+    fi
+    echo
+    echo "## tests"
+    { grep -E '^(FAILED|ERROR)' "$RESULTS/tests.log"; tail -n 1 "$RESULTS/tests.log"; } 2>/dev/null \
+        | head -30 | sed 's/^/    /'
+    echo
+    echo "## benchmark"
+    if [ -s "$RESULTS/bench_cuda.md" ]; then
+        cat "$RESULTS/bench_cuda.md"
+    else
+        echo "no markdown table (see bench_cuda.log; bench_cuda.json holds the rows measured so far)"
+    fi
+    grep '^note:' "$RESULTS/bench_cuda.log" 2>/dev/null | sed 's/^/    /'
+} > "$SUMMARY"
+cat "$SUMMARY"
+echo
+echo "results in $RESULTS; total $(( $(date +%s) - START ))s"
+exit "$FAILED"
