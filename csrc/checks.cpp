@@ -67,9 +67,13 @@ void positive_number(const char* name, double value) {
 
 void values_positive(const char* name, const at::Tensor& s, bool allow_zero) {
   if (!s.device().is_cpu() || s.numel() == 0) return;
-  const auto ok = (allow_zero ? s.ge(0) : s.gt(0)).logical_and_(s.isfinite());
-  TORCH_CHECK_VALUE(ok.all().item<bool>(), name, ": expected every value ", allow_zero ? ">= 0" : "> 0",
-                    " and finite");
+  // A plain loop: σ has one value per example, and ATen ops here would cost more than
+  // the kernels they guard at training sizes.
+  const at::Tensor values = s.to(c10::ScalarType::Double).contiguous();
+  const double* v = values.const_data_ptr<double>();
+  bool ok = true;
+  for (int64_t i = 0; i < values.numel(); ++i) ok &= std::isfinite(v[i]) && (allow_zero ? v[i] >= 0 : v[i] > 0);
+  TORCH_CHECK_VALUE(ok, name, ": expected every value ", allow_zero ? ">= 0" : "> 0", " and finite");
 }
 
 void sigma(const char* name, const at::Tensor& s, const char* ref_name, const at::Tensor& ref,
@@ -171,9 +175,11 @@ void cross_entropy_args(const at::Tensor& logits, const at::Tensor& target, cons
   class_indices(target, logits);
   per_example("weight", weight, "logits", logits);
   if (target.device().is_cpu() && target.numel() > 0) {
-    const auto valid = target.ge(0).logical_and_(target.lt(classes)).logical_or_(target.eq(ignore_index));
-    TORCH_CHECK_VALUE(valid.all().item<bool>(), "target: expected class indices in [0, ", classes,
-                      ") or ignore_index = ", ignore_index);
+    const at::Tensor indices = target.contiguous();
+    const int64_t* t = indices.const_data_ptr<int64_t>();
+    bool ok = true;
+    for (int64_t i = 0; i < indices.numel(); ++i) ok &= (t[i] >= 0 && t[i] < classes) || t[i] == ignore_index;
+    TORCH_CHECK_VALUE(ok, "target: expected class indices in [0, ", classes, ") or ignore_index = ", ignore_index);
   }
 }
 

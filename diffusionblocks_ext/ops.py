@@ -22,6 +22,12 @@ def backend(tensor: torch.Tensor) -> str:
     return "reference"
 
 
+def _python_checks_values(tensor: torch.Tensor) -> bool:
+    """The CPU kernels check σ and class-index values themselves (same text); for CUDA
+    tensors the check happens here, as the kernels cannot raise."""
+    return backend(tensor) != "ext-cpu"
+
+
 def _rows(s, x):
     return s.to(acc_dtype(x.dtype)).reshape((-1,) + (1,) * (x.dim() - 1))
 
@@ -53,7 +59,7 @@ def add_noise(y, sigma, *, seed=None, offset=0, sigma_data=SIGMA_DATA, generator
     if backend(y) == "reference":
         return reference.add_noise(y, sigma, seed=seed, offset=offset, sigma_data=sigma_data,
                                    generator=generator)
-    reference.check_add_noise(y, sigma, sigma_data)
+    reference.check_add_noise(y, sigma, sigma_data, values=_python_checks_values(y))
     seed = _philox.resolve_seed(seed, generator)
     return torch.ops.diffusionblocks.add_noise(y, sigma, _philox.as_int64("seed", seed),
                                                _philox.as_int64("offset", offset), float(sigma_data))
@@ -63,7 +69,7 @@ def denoise(F, z, sigma, *, sigma_data=SIGMA_DATA):
     """D = c_skip(σ)·z + c_out(σ)·F. Differentiable in F and z."""
     if backend(F) == "reference":
         return reference.denoise(F, z, sigma, sigma_data=sigma_data)
-    reference.check_denoise(F, z, sigma, sigma_data)
+    reference.check_denoise(F, z, sigma, sigma_data, values=_python_checks_values(F))
     return torch.ops.diffusionblocks.denoise(F, z, sigma, float(sigma_data))
 
 
@@ -72,7 +78,7 @@ def euler_step(z, F, sigma, sigma_next, *, sigma_data=SIGMA_DATA, denoised=False
     with denoised=True, F already is D. Differentiable in z and F."""
     if backend(z) == "reference":
         return reference.euler_step(z, F, sigma, sigma_next, sigma_data=sigma_data, denoised=denoised)
-    reference.check_euler_step(z, F, sigma, sigma_next, sigma_data)
+    reference.check_euler_step(z, F, sigma, sigma_next, sigma_data, values=_python_checks_values(z))
     return torch.ops.diffusionblocks.euler_step(z, F, sigma, sigma_next, float(sigma_data), bool(denoised))
 
 
@@ -82,7 +88,8 @@ def heun_step(z, F, z_euler, F_euler, sigma, sigma_next, *, sigma_data=SIGMA_DAT
     if backend(z) == "reference":
         return reference.heun_step(z, F, z_euler, F_euler, sigma, sigma_next, sigma_data=sigma_data,
                                    denoised=denoised)
-    reference.check_heun_step(z, F, z_euler, F_euler, sigma, sigma_next, sigma_data)
+    reference.check_heun_step(z, F, z_euler, F_euler, sigma, sigma_next, sigma_data,
+                              values=_python_checks_values(z))
     return torch.ops.diffusionblocks.heun_step(z, F, z_euler, F_euler, sigma, sigma_next,
                                                float(sigma_data), bool(denoised))
 
@@ -92,7 +99,7 @@ def edm_loss(F, z, y, sigma, *, sigma_data=SIGMA_DATA):
     in float32 (float64 for float64 inputs). Fused backward to F, z and y."""
     if backend(F) == "reference":
         return reference.edm_loss(F, z, y, sigma, sigma_data=sigma_data)
-    reference.check_edm_loss(F, z, y, sigma, sigma_data)
+    reference.check_edm_loss(F, z, y, sigma, sigma_data, values=_python_checks_values(F))
     return torch.ops.diffusionblocks.edm_loss(F, z, y, sigma, float(sigma_data))
 
 
@@ -101,7 +108,8 @@ def weighted_cross_entropy(logits, target, weight, *, ignore_index=-100):
     target is not ignore_index, divided by T). Fused log-softmax + NLL + weight and backward."""
     if backend(logits) == "reference":
         return reference.weighted_cross_entropy(logits, target, weight, ignore_index=ignore_index)
-    reference.check_weighted_cross_entropy(logits, target, weight, ignore_index)
+    reference.check_weighted_cross_entropy(logits, target, weight, ignore_index,
+                                           values=_python_checks_values(logits))
     loss, _ = torch.ops.diffusionblocks.weighted_cross_entropy(logits, target, weight, int(ignore_index))
     return loss
 
