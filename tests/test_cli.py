@@ -10,17 +10,22 @@ import pytest
 
 from diffusionblocks import cli
 
-ROOT = Path(__file__).resolve().parents[1]
+import diffusionblocks
+import diffusionblocks_ext
+
+# Where this test process found the two packages (installed, or the source tree).
+PACKAGE_PATHS = list(dict.fromkeys(str(Path(module.__file__).resolve().parents[1])
+                                   for module in (diffusionblocks, diffusionblocks_ext)))
 
 
 def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
-    """`python -m diffusionblocks ...` in a fresh process; the source tree goes first on
-    PYTHONPATH, so this tests the checkout whether or not the package is installed."""
+    """`python -m diffusionblocks ...` in a fresh process that imports the same packages as
+    this one. It runs outside the checkout: `python -m` puts the working directory first on
+    sys.path, where the source tree (without the compiled module) would shadow an install."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "python"), str(ROOT)] +
-                                        ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    return subprocess.run([sys.executable, "-m", "diffusionblocks", *args], env=env, cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
+    env["PYTHONPATH"] = os.pathsep.join(PACKAGE_PATHS + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    return subprocess.run([sys.executable, "-m", "diffusionblocks", *args], env=env,
+                          cwd=cwd or Path(os.sep), capture_output=True, text=True, timeout=300)
 
 
 def test_train_then_eval_end_to_end(tmp_path):

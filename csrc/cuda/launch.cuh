@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #include "philox.h"
 
@@ -149,6 +150,19 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Calls go(aligned_tag, index_tag) once, with aligned_tag a std::bool_constant (vector
+// access allowed) and index_tag::type the narrowest index type that numel allows, so
+// each launch site instantiates its kernel four ways in one place.
+template <typename IndexT> struct IndexTag { using type = IndexT; };
+template <typename Go>
+void dispatch_access(bool aligned, int64_t numel, const Go& go) {
+  if (fits_int32(numel)) {
+    aligned ? go(std::true_type{}, IndexTag<uint32_t>{}) : go(std::false_type{}, IndexTag<uint32_t>{});
+  } else {
+    aligned ? go(std::true_type{}, IndexTag<uint64_t>{}) : go(std::false_type{}, IndexTag<uint64_t>{});
+  }
+}
+
 // Launches rowwise_kernel on the current stream with the widest access every pointer
 // allows and the narrowest index type the size allows.
 template <bool NOISE = false, typename scalar_t, int NIN, int NOUT, typename Op>
@@ -161,22 +175,13 @@ void launch_rowwise(const Streams<scalar_t, NIN, NOUT>& s, const Op& op, int64_t
   for (int j = 0; j < NOUT; ++j) aligned = aligned && is_aligned(s.out[j], VEC * sizeof(scalar_t));
   const int64_t blocks = grid_blocks((numel + VEC - 1) / VEC);
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  auto go = [&](auto aligned_tag, auto index_tag) {
+  dispatch_access(aligned, numel, [&](auto aligned_tag, auto index_tag) {
     constexpr bool kAligned = decltype(aligned_tag)::value;
     using index_t = typename decltype(index_tag)::type;
     rowwise_kernel<VEC, kAligned, NOISE, index_t><<<blocks, kThreads, 0, stream>>>(
         s, op, static_cast<index_t>(numel), static_cast<index_t>(cols), seed, offset);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-  };
-  using A = std::true_type;
-  using U = std::false_type;
-  struct I32 { using type = uint32_t; };
-  struct I64 { using type = uint64_t; };
-  if (fits_int32(numel)) {
-    aligned ? go(A{}, I32{}) : go(U{}, I32{});
-  } else {
-    aligned ? go(A{}, I64{}) : go(U{}, I64{});
-  }
+  });
 }
 
 // Products and sums rounded separately (never contracted into an fma), where a result

@@ -125,23 +125,17 @@ Tensor edm_loss(const Tensor& F, const Tensor& z, const Tensor& y, const Tensor&
     const acc_t sd = static_cast<acc_t>(sigma_data);
     acc_t* op = out.mutable_data_ptr<acc_t>();
     const bool aligned = is_aligned(fp, 16) && is_aligned(zp, 16) && is_aligned(yp, 16);
-    const bool narrow = fits_int32(F.numel());
 
     if (cols <= kWarpRowMax) {
       const int64_t blocks = grid_blocks(rows, 32);
-      auto go = [&](auto vec_tag, auto index_tag) {
-        constexpr int V = decltype(vec_tag)::value;
+      auto go = [&](auto aligned_tag, auto index_tag) {
+        constexpr int V = decltype(aligned_tag)::value ? kVec : 1;
         using index_t = typename decltype(index_tag)::type;
         edm_loss_warp_kernel<V, index_t><<<blocks, kThreads, 0, stream>>>(
             fp, zp, yp, sp, sd, static_cast<index_t>(rows), static_cast<index_t>(cols), op);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
-      using VA = std::integral_constant<int, kVec>;
-      using V1 = std::integral_constant<int, 1>;
-      struct I32 { using type = uint32_t; };
-      struct I64 { using type = uint64_t; };
-      if (narrow) aligned ? go(VA{}, I32{}) : go(V1{}, I32{});
-      else aligned ? go(VA{}, I64{}) : go(V1{}, I64{});
+      dispatch_access(aligned, F.numel(), go);
       return;
     }
 
@@ -154,20 +148,15 @@ Tensor edm_loss(const Tensor& F, const Tensor& z, const Tensor& y, const Tensor&
     Tensor partial = splits > 1 ? at::empty({rows * splits}, out.options()) : Tensor();
     acc_t* pp = splits > 1 ? partial.mutable_data_ptr<acc_t>() : nullptr;
     const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(std::min<int64_t>(rows, 65535)));
-    auto go = [&](auto vec_tag, auto index_tag) {
-      constexpr int V = decltype(vec_tag)::value;
+    auto go = [&](auto aligned_tag, auto index_tag) {
+      constexpr int V = decltype(aligned_tag)::value ? kVec : 1;
       using index_t = typename decltype(index_tag)::type;
       edm_loss_block_kernel<V, index_t><<<grid, kThreads, 0, stream>>>(
           fp, zp, yp, sp, sd, static_cast<index_t>(rows), static_cast<index_t>(cols), static_cast<index_t>(chunk),
           op, pp);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    using VA = std::integral_constant<int, kVec>;
-    using V1 = std::integral_constant<int, 1>;
-    struct I32 { using type = uint32_t; };
-    struct I64 { using type = uint64_t; };
-    if (narrow) aligned ? go(VA{}, I32{}) : go(V1{}, I32{});
-    else aligned ? go(VA{}, I64{}) : go(V1{}, I64{});
+    dispatch_access(aligned, F.numel(), go);
     if (splits > 1) launch_sum_rows<acc_t>(pp, rows, splits, nullptr, static_cast<acc_t>(cols), op);
   });
   return out;
@@ -382,9 +371,8 @@ std::tuple<Tensor, Tensor> weighted_cross_entropy(const Tensor& logits, const Te
     acc_t* cp = ce.mutable_data_ptr<acc_t>();
     const acc_t* first_weight = T == 1 ? wp : nullptr;
     const bool aligned = is_aligned(xp, 16);
-    const bool narrow = fits_int32(logits.numel());
-    auto go = [&](auto vec_tag, auto index_tag) {
-      constexpr int V = decltype(vec_tag)::value;
+    auto go = [&](auto aligned_tag, auto index_tag) {
+      constexpr int V = decltype(aligned_tag)::value ? kVec : 1;
       using index_t = typename decltype(index_tag)::type;
       const auto P_ = static_cast<index_t>(P);
       const auto C_ = static_cast<index_t>(C);
@@ -401,12 +389,7 @@ std::tuple<Tensor, Tensor> weighted_cross_entropy(const Tensor& logits, const Te
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    using VA = std::integral_constant<int, kVec>;
-    using V1 = std::integral_constant<int, 1>;
-    struct I32 { using type = uint32_t; };
-    struct I64 { using type = uint64_t; };
-    if (narrow) aligned ? go(VA{}, I32{}) : go(V1{}, I32{});
-    else aligned ? go(VA{}, I64{}) : go(V1{}, I64{});
+    dispatch_access(aligned, logits.numel(), go);
     if (T > 1) {
       launch_sum_rows<acc_t>(cp, N, T, wp, static_cast<acc_t>(T), loss.mutable_data_ptr<acc_t>());
     }
