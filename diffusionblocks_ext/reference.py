@@ -106,9 +106,8 @@ def sample_sigma(n, sigma_lo, sigma_hi, *, seed=None, offset=0, p_mean=P_MEAN, p
         check.fail(f"dtype: expected a floating-point dtype, got {check.dtype_name(dtype)}")
     x = _philox.philox4x32_10(torch.arange(n, dtype=torch.int64, device=device), offset, seed)
     u = _philox.uniform53(x[0], x[1])
-    std_normal = torch.distributions.Normal(0.0, 1.0)
     ends = torch.tensor([sigma_lo, sigma_hi], dtype=torch.float64)
-    cdf_lo, cdf_hi = std_normal.cdf((torch.log(ends) - p_mean) / p_std).tolist()
+    cdf_lo, cdf_hi = torch.special.ndtr((torch.log(ends) - p_mean) / p_std).tolist()
     sigma = torch.exp(p_mean + p_std * torch.special.ndtri(cdf_lo + u * (cdf_hi - cdf_lo)))
     return sigma.clamp(sigma_lo, sigma_hi).to(dtype)
 

@@ -91,5 +91,4 @@ def interval_index(sigma: torch.Tensor, boundaries: torch.Tensor) -> torch.Tenso
     return torch.searchsorted(interior, sigma.to(torch.float64).contiguous(), right=True)
 
 
-
 INFERENCE_SCHEDULES = {"cdf": inference_sigmas, "karras": karras_sigmas}
