@@ -15,9 +15,13 @@ HAS_CUDA_KERNELS = HAS_EXT and bool(_C.has_cuda_kernels())
 
 def backend(tensor: torch.Tensor) -> str:
     """Which implementation serves `tensor`: 'ext-cpu', 'ext-cuda' or 'reference'."""
-    if HAS_EXT and tensor.device.type == "cpu":
+    return _backend_for(tensor.device)
+
+
+def _backend_for(device: torch.device) -> str:
+    if HAS_EXT and device.type == "cpu":
         return "ext-cpu"
-    if HAS_CUDA_KERNELS and tensor.device.type == "cuda":
+    if HAS_CUDA_KERNELS and device.type == "cuda":
         return "ext-cuda"
     return "reference"
 
@@ -41,16 +45,15 @@ def sample_sigma(n, sigma_lo, sigma_hi, *, seed=None, offset=0, p_mean=P_MEAN, p
                  device=None, dtype=torch.float32, generator=None):
     """n draws of σ from the log-normal truncated to [sigma_lo, sigma_hi] (SPEC §3)."""
     device = torch.device("cpu") if device is None else torch.device(device)
-    probe = torch.empty(0, device=device)
-    if backend(probe) == "reference":
+    if _backend_for(device) == "reference":
         return reference.sample_sigma(n, sigma_lo, sigma_hi, seed=seed, offset=offset, p_mean=p_mean,
                                       p_std=p_std, device=device, dtype=dtype, generator=generator)
-    reference.check_sample_sigma(n, sigma_lo, sigma_hi, p_mean, p_std)
+    reference.check_sample_sigma(n, sigma_lo, sigma_hi, p_mean, p_std, dtype)
     seed = _philox.resolve_seed(seed, generator)
-    out = torch.empty(n, dtype=torch.float64, device=device)
+    out = torch.empty(n, dtype=dtype, device=device)  # the kernel computes in float64, stores in dtype
     torch.ops.diffusionblocks.sample_sigma_(out, float(sigma_lo), float(sigma_hi), _philox.as_int64("seed", seed),
                                             _philox.as_int64("offset", offset), float(p_mean), float(p_std))
-    return out.to(dtype)
+    return out
 
 
 def add_noise(y, sigma, *, seed=None, offset=0, sigma_data=SIGMA_DATA, generator=None):

@@ -82,7 +82,7 @@ def heun_coefficients(sigma, sigma_next, sigma_data=SIGMA_DATA, denoised=False):
             half_dt * ks2 / sigma_next, -half_dt * kf2 / sigma_next)
 
 
-def check_sample_sigma(n, sigma_lo, sigma_hi, p_mean, p_std):
+def check_sample_sigma(n, sigma_lo, sigma_hi, p_mean, p_std, dtype):
     if not isinstance(n, int) or n < 0:
         check.fail(f"n: expected an integer >= 0, got {n}")
     finite = all(isinstance(v, (int, float)) and math.isfinite(v) for v in (sigma_lo, sigma_hi))
@@ -92,6 +92,8 @@ def check_sample_sigma(n, sigma_lo, sigma_hi, p_mean, p_std):
     if not isinstance(p_mean, (int, float)) or not math.isfinite(p_mean):
         check.fail(f"p_mean: expected a finite number, got {p_mean}")
     check.positive_number("p_std", p_std)
+    if dtype not in check.FLOAT_DTYPES:
+        check.fail(f"dtype: expected a floating-point dtype, got {check.dtype_name(dtype)}")
 
 
 def sample_sigma(n, sigma_lo, sigma_hi, *, seed=None, offset=0, p_mean=P_MEAN, p_std=P_STD,
@@ -99,11 +101,9 @@ def sample_sigma(n, sigma_lo, sigma_hi, *, seed=None, offset=0, p_mean=P_MEAN, p
     """n draws of σ from the log-normal (ln σ ~ N(p_mean, p_std²)) truncated to
     [sigma_lo, sigma_hi], by inverse CDF in float64 (SPEC §3). Example i uses Philox
     counter (i, offset)."""
-    check_sample_sigma(n, sigma_lo, sigma_hi, p_mean, p_std)
+    check_sample_sigma(n, sigma_lo, sigma_hi, p_mean, p_std, dtype)
     seed = _philox.resolve_seed(seed, generator)
     device = torch.device("cpu") if device is None else torch.device(device)
-    if dtype not in check.FLOAT_DTYPES:
-        check.fail(f"dtype: expected a floating-point dtype, got {check.dtype_name(dtype)}")
     x = _philox.philox4x32_10(torch.arange(n, dtype=torch.int64, device=device), offset, seed)
     u = _philox.uniform53(x[0], x[1])
     ends = torch.tensor([sigma_lo, sigma_hi], dtype=torch.float64)

@@ -107,6 +107,7 @@ def test_device_mismatch_is_named():
     (dict(n=4, sigma_lo=0.1, sigma_hi=float("inf")),
      "sigma_lo, sigma_hi: expected 0 < sigma_lo <= sigma_hi, both finite, got sigma_lo=0.1, sigma_hi=inf"),
     (dict(n=4, sigma_lo=0.1, sigma_hi=1.0, p_std=0.0), "p_std: expected a positive finite number, got 0"),
+    (dict(n=4, sigma_lo=0.1, sigma_hi=1.0, dtype=torch.int64), "dtype: expected a floating-point dtype, got int64"),
 ])
 def test_sample_sigma_rejects_bad_ranges(kwargs, message):
     for impl in (dx, R):

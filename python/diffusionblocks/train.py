@@ -10,6 +10,7 @@ Every random draw of step s comes from a generator seeded by (seed, s), so a run
 pure function of its config and a resumed run repeats the uninterrupted one bit for bit.
 """
 
+import contextlib
 import json
 import math
 import time
@@ -115,13 +116,18 @@ class Trainer:
         config = self.config
         images, labels = data.train_batch(self.data, step, config.batch_size, config.seed,
                                           config.max_shift, generator)
-        with SavedActivations(self.model.parameters()) as saved:
+        # Batches are always full, so a block's memory is the same at every step: measure
+        # its first step only and keep the hooks off the hot path afterwards.
+        measured = self.counters["activation_bytes_by_block"]
+        measure = str(block) not in measured
+        saved = SavedActivations(self.model.parameters()) if measure else contextlib.nullcontext()
+        with saved:
             loss, sigma = self.forward_loss(block, images, labels, generator)
         loss.backward()
-        measured = self.counters["activation_bytes_by_block"]
-        measured[str(block)] = max(measured.get(str(block), 0), saved.bytes)
         with_grad = [p for p in self.model.parameters() if p.grad is not None]
-        self.counters["grad_bytes"] = max(self.counters["grad_bytes"], tensor_bytes(p.grad for p in with_grad))
+        if measure:
+            measured[str(block)] = saved.bytes
+            self.counters["grad_bytes"] = max(self.counters["grad_bytes"], tensor_bytes(p.grad for p in with_grad))
         grad_norm = torch.nn.utils.clip_grad_norm_(with_grad, config.grad_clip)
         lr = self.lr_at(step)
         for group in self.optimizer.param_groups:
