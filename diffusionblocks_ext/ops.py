@@ -6,7 +6,7 @@ their fake (meta) implementations for torch.compile and their autograd formulas.
 import torch
 
 from . import _loader, _philox, reference
-from .reference import SIGMA_DATA, P_MEAN, P_STD, acc_dtype
+from .reference import SIGMA_DATA, P_MEAN, P_STD, broadcast_rows, acc_dtype
 
 _C = _loader.load()
 HAS_EXT = _C is not None
@@ -32,10 +32,6 @@ def _python_checks_values(tensor: torch.Tensor) -> bool:
     return backend(tensor) != "ext-cpu"
 
 
-def _rows(s, x):
-    return s.to(acc_dtype(x.dtype)).reshape((-1,) + (1,) * (x.dim() - 1))
-
-
 def _scaled(grad, coef, like):
     """coef (per row, acc dtype) times grad, in the dtype of `like`."""
     return (coef * grad.to(coef.dtype)).to(like.dtype)
@@ -51,8 +47,9 @@ def sample_sigma(n, sigma_lo, sigma_hi, *, seed=None, offset=0, p_mean=P_MEAN, p
     reference.check_sample_sigma(n, sigma_lo, sigma_hi, p_mean, p_std, dtype)
     seed = _philox.resolve_seed(seed, generator)
     out = torch.empty(n, dtype=dtype, device=device)  # the kernel computes in float64, stores in dtype
-    torch.ops.diffusionblocks.sample_sigma_(out, float(sigma_lo), float(sigma_hi), _philox.as_int64("seed", seed),
-                                            _philox.as_int64("offset", offset), float(p_mean), float(p_std))
+    torch.ops.diffusionblocks.sample_sigma_(out, float(sigma_lo), float(sigma_hi),
+                                            _philox.as_int64("seed", seed), _philox.as_int64("offset", offset),
+                                            float(p_mean), float(p_std))
     return out
 
 
@@ -172,7 +169,7 @@ def _register():
 
     def backward_add_noise(ctx, grad_z, grad_z_in):
         (sigma,) = ctx.saved_tensors
-        s = _rows(sigma, grad_z)
+        s = broadcast_rows(sigma, grad_z)
         grad_y = grad_z.to(s.dtype) + reference.c_in(s, ctx.sigma_data) * grad_z_in.to(s.dtype)
         return grad_y.to(ctx.y_dtype), None, None, None, None
 
@@ -186,7 +183,7 @@ def _register():
 
     def backward_denoise(ctx, grad):
         (sigma,) = ctx.saved_tensors
-        s = _rows(sigma, grad)
+        s = broadcast_rows(sigma, grad)
         return (_scaled(grad, reference.c_out(s, ctx.sigma_data), grad),
                 _scaled(grad, reference.c_skip(s, ctx.sigma_data), grad), None, None)
 
@@ -199,7 +196,7 @@ def _register():
 
     def backward_euler(ctx, grad):
         sigma, sigma_next = ctx.saved_tensors
-        a_z, a_f = reference.euler_coefficients(_rows(sigma, grad), _rows(sigma_next, grad),
+        a_z, a_f = reference.euler_coefficients(broadcast_rows(sigma, grad), broadcast_rows(sigma_next, grad),
                                                 ctx.sigma_data, ctx.denoised)
         return _scaled(grad, a_z, grad), _scaled(grad, a_f, grad), None, None, None, None
 
@@ -207,7 +204,7 @@ def _register():
 
     def backward_heun(ctx, grad):
         sigma, sigma_next = ctx.saved_tensors
-        coefs = reference.heun_coefficients(_rows(sigma, grad), _rows(sigma_next, grad),
+        coefs = reference.heun_coefficients(broadcast_rows(sigma, grad), broadcast_rows(sigma_next, grad),
                                             ctx.sigma_data, ctx.denoised)
         return (*(_scaled(grad, c, grad) for c in coefs), None, None, None, None)
 

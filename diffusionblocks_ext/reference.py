@@ -29,7 +29,7 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _rows(s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def broadcast_rows(s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """A per-example [N] vector shaped to broadcast over x's trailing dims, in x's acc dtype."""
     return s.to(acc_dtype(x.dtype)).reshape((-1,) + (1,) * (x.dim() - 1))
 
@@ -134,7 +134,7 @@ def add_noise(y, sigma, *, seed=None, offset=0, sigma_data=SIGMA_DATA, generator
     check_add_noise(y, sigma, sigma_data)
     seed = _philox.resolve_seed(seed, generator)
     eps = _philox.normal(y.numel(), seed, offset, y.device).reshape(y.shape)
-    s = _rows(sigma, y)
+    s = broadcast_rows(sigma, y)
     z = y.to(s.dtype) + s * eps.to(s.dtype)
     return z.to(y.dtype), (c_in(s, sigma_data) * z).to(y.dtype)
 
@@ -154,7 +154,7 @@ def check_denoise(F, z, sigma, sigma_data, values=True):
 def denoise(F, z, sigma, *, sigma_data=SIGMA_DATA):
     """D = c_skip(σ)·z + c_out(σ)·F."""
     check_denoise(F, z, sigma, sigma_data)
-    s = _rows(sigma, F)
+    s = broadcast_rows(sigma, F)
     return (c_skip(s, sigma_data) * z.to(s.dtype) + c_out(s, sigma_data) * F.to(s.dtype)).to(F.dtype)
 
 
@@ -169,7 +169,8 @@ def euler_step(z, F, sigma, sigma_next, *, sigma_data=SIGMA_DATA, denoised=False
     """z + (σ_next − σ)·(z − D)/σ with D = denoise(F, z, σ), or D = F when `denoised`.
     σ_next may be 0 (the step then returns D)."""
     check_euler_step(z, F, sigma, sigma_next, sigma_data)
-    a_z, a_f = euler_coefficients(_rows(sigma, z), _rows(sigma_next, z), sigma_data, denoised)
+    a_z, a_f = euler_coefficients(broadcast_rows(sigma, z), broadcast_rows(sigma_next, z), sigma_data,
+                                  denoised)
     return (a_z * z.to(a_z.dtype) + a_f * F.to(a_z.dtype)).to(z.dtype)
 
 
@@ -186,7 +187,7 @@ def heun_step(z, F, z_euler, F_euler, sigma, sigma_next, *, sigma_data=SIGMA_DAT
     """Second-order (Heun) step from σ to σ_next > 0: averages the slope at (z, σ) and at
     the Euler prediction (z_euler, σ_next), whose network output is F_euler."""
     check_heun_step(z, F, z_euler, F_euler, sigma, sigma_next, sigma_data)
-    coefs = heun_coefficients(_rows(sigma, z), _rows(sigma_next, z), sigma_data, denoised)
+    coefs = heun_coefficients(broadcast_rows(sigma, z), broadcast_rows(sigma_next, z), sigma_data, denoised)
     out = sum(c * x.to(c.dtype) for c, x in zip(coefs, (z, F, z_euler, F_euler)))
     return out.to(z.dtype)
 
@@ -202,7 +203,7 @@ def edm_loss(F, z, y, sigma, *, sigma_data=SIGMA_DATA):
     """Per-example [N] loss mean((F − (y − c_skip·z)/c_out)²) over the trailing dims,
     equal to λ(σ)·mean((D − y)²) (SPEC §2). float32 (float64 for float64 inputs)."""
     check_edm_loss(F, z, y, sigma, sigma_data)
-    s = _rows(sigma, F)
+    s = broadcast_rows(sigma, F)
     target = (y.to(s.dtype) - c_skip(s, sigma_data) * z.to(s.dtype)) / c_out(s, sigma_data)
     return _per_row((F.to(s.dtype) - target).square()).mean(dim=1)
 
