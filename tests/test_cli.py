@@ -33,7 +33,7 @@ def test_train_then_eval_end_to_end(tmp_path):
     done = run_cli("train", "vit-digits-tiny", "--blocks", "2", "--seed", "1", "--out", str(out),
                    "--set", "e2e_steps=4", "progress=false")
     assert done.returncode == 0, done.stderr
-    assert "test accuracy" in done.stdout
+    assert "test_accuracy" in done.stdout
     report = json.loads((out / "report.json").read_text())
     for key in ("preset", "mode", "blocks", "seed", "metrics", "layer_evals", "wall_s", "memory", "backend"):
         assert key in report
@@ -96,5 +96,5 @@ def test_set_parses_types_and_model_fields():
                                     "--blocks", "2"])
     config = cli.config_from_args(args)
     assert (config.model.width, config.model.heads, config.model.layers) == (32, 4, 3)
-    assert config.split == (1, 2) and config.normalized_inference_embedding is False and config.lr == 2e-3
+    assert config.split == (1, 2) and config.model.normalized_inference_embedding is False and config.lr == 2e-3
     assert config.preset == "vit-digits"

@@ -20,7 +20,7 @@ def tiny(**changes) -> C.TrainConfig:
     config = C.preset("vit-digits-tiny")
     config.progress = False
     for name, value in changes.items():
-        setattr(config.model if name in ("layers", "width", "heads") else config, name, value)
+        setattr(config.model if hasattr(config.model, name) else config, name, value)
     return config
 
 
@@ -29,6 +29,10 @@ def record_layer_calls(trainer: Trainer) -> list[int]:
     for index, layer in enumerate(trainer.model.layers):
         layer.register_forward_hook(lambda module, args, out, index=index: calls.append(index))
     return calls
+
+
+def predict(trainer: Trainer, n: int) -> torch.Tensor:
+    return trainer.task.predict(trainer.task.data.test_images[:n], trainer.plan, trainer.config.mode)
 
 
 def snapshot(model) -> dict[str, torch.Tensor]:
@@ -58,7 +62,7 @@ def test_a_block_step_runs_and_changes_only_that_block_and_the_shared_modules(tm
 def test_inference_with_n_equal_b_runs_each_block_once_in_order(tmp_path, layers, blocks, split, levels):
     trainer = Trainer(tiny(layers=layers, blocks=blocks, split=split, inference_schedule=levels), tmp_path)
     calls = record_layer_calls(trainer)
-    logits = trainer.predict(trainer.data.test_images[:16])
+    logits = predict(trainer, 16)
     assert logits.shape == (16, 10)
     assert calls == list(range(layers))  # block 0 (noisiest) first, each layer once
 
@@ -67,7 +71,7 @@ def test_each_inference_level_runs_only_the_block_that_owns_it(tmp_path):
     # Karras levels for N = 3 are 80, 2.52, 0.002: block 0 twice, block 1 never, block 2 once.
     trainer = Trainer(tiny(layers=3, blocks=3, inference_schedule="karras"), tmp_path)
     calls = record_layer_calls(trainer)
-    trainer.predict(trainer.data.test_images[:4])
+    predict(trainer, 4)
     assert calls == [0, 0, 2]
 
 
@@ -75,7 +79,7 @@ def test_end_to_end_mode_runs_every_layer_on_each_step(tmp_path):
     trainer = Trainer(tiny(layers=3, mode="e2e"), tmp_path)
     calls = record_layer_calls(trainer)
     trainer.train_step(0)
-    trainer.predict(trainer.data.test_images[:4])
+    predict(trainer, 4)
     assert calls == [0, 1, 2, 0, 1, 2]
 
 
@@ -85,8 +89,8 @@ def fixed_loss(trainer: Trainer) -> float:
     with torch.no_grad():
         for block in range(trainer.plan.num_blocks):
             generator = torch.Generator().manual_seed(1234 + block)
-            images, labels = data.train_batch(trainer.data, 0, 256, 99, 0, generator)
-            total += trainer.forward_loss(block, images, labels, generator)[0].item()
+            batch = data.train_batch(trainer.task.data, 0, 256, 99, 0, generator)
+            total += trainer.forward_loss(block, batch, generator)[0].item()
     return total
 
 

@@ -72,8 +72,10 @@ def train(args) -> int:
         print(f"\ninterrupted; continue from the last checkpoint with: diffusionblocks train --resume {out}",
               file=sys.stderr)
         return 130
-    print(f"test accuracy {report['metrics']['test_accuracy']:.4f} · {report['layer_evals']} layer evals · "
-          f"{report['wall_s']:.1f} s · report: {out / 'report.json'}")
+    metrics = " · ".join(f"{name} {value:.4g}" for name, value in report["metrics"].items()
+                         if isinstance(value, float))
+    print(f"{metrics} · {report['layer_evals']} layer evals · {report['wall_s']:.1f} s · "
+          f"report: {out / 'report.json'}")
     return 0
 
 

@@ -2,13 +2,27 @@
 Each noise level runs only the block whose interval holds it; with N = B levels every
 block runs exactly once, i.e. one forward pass of the full depth."""
 
+from typing import Protocol
+
 import torch
 
 import diffusionblocks_ext as dx
 
 from . import schedule
 from .partition import BlockPartition
-from .task import DenoisingTask
+
+
+class Denoiser(Protocol):
+    """What the chain needs from a task (vit.py is an example)."""
+
+    def denoise(self, inputs: torch.Tensor, z: torch.Tensor, z_in: torch.Tensor, sigma: torch.Tensor,
+                layers: range) -> tuple[torch.Tensor, torch.Tensor]:
+        """Runs only `layers` on (clean inputs x, noisy target z with z_in = c_in·z, σ [N]);
+        returns (D, output): the denoised estimate of y and the task's output (e.g. logits)."""
+
+    def sampler_estimate(self, D: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """What the Euler step treats as the denoised y (D itself, or e.g. the expected
+        label embedding for classification)."""
 
 
 def _per_example(value: float, n: int) -> torch.Tensor:
@@ -16,7 +30,7 @@ def _per_example(value: float, n: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def denoise_chain(task: DenoisingTask, partition: BlockPartition, inputs: torch.Tensor,
+def denoise_chain(task: Denoiser, partition: BlockPartition, inputs: torch.Tensor,
                   target_shape: tuple[int, ...], num_steps: int, generator: torch.Generator,
                   levels: str = "cdf") -> torch.Tensor:
     """The task's output at the last (cleanest) level, after num_steps Euler steps over the

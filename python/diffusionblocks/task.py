@@ -1,37 +1,41 @@
-"""The interface through which a task plugs into the trainer and the sampler (DESIGN.md):
-how to make the clean target y, how a block reads out a denoised prediction, which loss.
-The trainer owns everything else (σ draws, noise, block choice, optimizer)."""
+"""The interface through which a task plugs into the trainer (DESIGN.md): its data, the
+loss of one block on one batch, the end-to-end baseline's loss, and its evaluation.
+The trainer owns everything else: which block trains, the optimizer and its schedule,
+gradient clipping, memory and compute counters, checkpoints, logs and the report.
 
-from typing import Protocol
+A task class also names its options dataclass (`Config`: model shape and task knobs,
+the `model.*` fields of a run's config) and is registered in tasks.py."""
+
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
+from .partition import BlockPartition
 
-class DenoisingTask(Protocol):
-    model: nn.Module          # residual layers in model.layers, plus shared modules
-    num_layers: int
 
-    def target(self, labels: torch.Tensor) -> torch.Tensor:
-        """Clean target y [N, ...] the blocks learn to denoise (may carry gradients)."""
+class Task(Protocol):
+    model: nn.Module  # residual layers in model.layers (what the partition cuts), plus shared modules
+    level_name: str   # what block_loss's noise levels are: "sigma", or "t" for masking
 
-    def denoise(self, inputs: torch.Tensor, z: torch.Tensor, z_in: torch.Tensor, sigma: torch.Tensor,
-                layers: range) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run only `layers` on (clean inputs x, noisy target z with z_in = c_in·z, σ [N]);
-        returns (D, output): the denoised estimate of y and the task's output (e.g. logits)."""
+    def train_batch(self, step: int, batch_size: int, seed: int, generator: torch.Generator) -> Any:
+        """Batch `step` of the run: a pure function of (seed, step) and draws from `generator`."""
 
-    def denoising_loss(self, output: torch.Tensor, labels: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """Per-example λ(σ)-weighted loss [N] of a block's output."""
+    def block_loss(self, batch, block: int, plan: BlockPartition,
+                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Runs only `block`'s layers on noise levels drawn from its range; returns the
+        per-example weighted loss [N] and the levels drawn [N]."""
 
-    def sampler_estimate(self, D: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        """What the Euler step treats as the denoised y at inference (D itself, or e.g. the
-        expected label embedding for classification)."""
+    def end_to_end_loss(self, batch, generator: torch.Generator) -> torch.Tensor:
+        """The baseline: every layer, the task's ordinary objective; per-example loss [N]."""
 
-    def end_to_end(self, inputs: torch.Tensor) -> torch.Tensor:
-        """The baseline: every layer on the clean inputs, without σ; returns the output."""
+    def no_weight_decay(self) -> set[str]:
+        """Names of matrix-shaped parameters that AdamW must not decay (e.g. positions)."""
 
-    def end_to_end_loss(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Per-example loss [N] of the end-to-end baseline."""
+    def evaluate(self, plan: BlockPartition, mode: str) -> dict[str, float]:
+        """Test metrics of the model as it is, named test_*."""
 
-    def metrics(self, output: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-        """Evaluation metrics of a final output (e.g. accuracy)."""
+    def finish(self, plan: BlockPartition, mode: str, out_dir: Path) -> dict[str, Any]:
+        """At the end of a run, after evaluate(): further metrics for the report, and any
+        files the task writes into out_dir (samples, grids)."""

@@ -1,11 +1,11 @@
 """The training loop (SPEC §4), block-wise or end-to-end, read top to bottom:
 
-    every step: pick block b -> batch (x, labels) -> σ per example from b's range ->
-    z = y + σ·ε (op) -> only b's layers -> λ(σ)-weighted loss (op) -> backward ->
+    every step: pick block b -> batch -> the task's loss of block b: σ per example from
+    b's range, z = y + σ·ε (op), only b's layers, λ(σ)-weighted loss (op) -> backward ->
     clip 1.0 -> AdamW step (only b and the shared modules have gradients)
 
-End to end (--mode e2e) the same model runs all its layers on the clean input, with a
-learned constant in place of the σ-embedding (vit.py says why).
+End to end (--mode e2e) the same model runs all its layers with the task's ordinary
+objective. The task (task.py, registered in tasks.py) supplies data, losses and metrics.
 Every random draw of step s comes from a generator seeded by (seed, s), so a run is a
 pure function of its config and a resumed run repeats the uninterrupted one bit for bit.
 """
@@ -21,19 +21,19 @@ from tqdm import tqdm
 
 import diffusionblocks_ext as dx
 
-from . import checkpoint, data, sampler, schedule
+from . import checkpoint
 from .config import TrainConfig, to_dict, validate
 from .logs import MetricsLog, plot_loss_by_block
 from .memory import SavedActivations, optimizer_state_bytes, tensor_bytes
-from .vit import ViT, ViTClassification
-
-EVAL_SEED = 0  # the sampler's starting noise at evaluation; fixed so evaluation is repeatable
+from .tasks import TASKS
 
 
-def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices (and the label/[CLS] embeddings), not on biases or the positions."""
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and n != "pos_embed"]
-    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and n != "pos_embed")]
+def build_optimizer(model: torch.nn.Module, config: TrainConfig, no_decay_names: set[str]) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices (embeddings included), not on biases, norms or the
+    parameters the task names (e.g. positions)."""
+    decays = {n: p.dim() >= 2 and n not in no_decay_names for n, p in model.named_parameters()}
+    decay = [p for n, p in model.named_parameters() if decays[n]]
+    no_decay = [p for n, p in model.named_parameters() if not decays[n]]
     groups = [{"params": decay, "weight_decay": config.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.999))
@@ -46,11 +46,10 @@ class Trainer:
         if config.threads:
             torch.set_num_threads(config.threads)
         torch.manual_seed(config.seed)  # the initial weights
-        self.data = data.load()
-        self.model = ViT(config.model, self.data.image_size, self.data.channels, self.data.num_classes)
-        self.task = ViTClassification(self.model, config.normalized_inference_embedding)
+        self.task = TASKS[config.task](config.model)
+        self.model = self.task.model
         self.plan = config.partition_plan()
-        self.optimizer = build_optimizer(self.model, config)
+        self.optimizer = build_optimizer(self.model, config, self.task.no_weight_decay())
         self.step = 0
         # Counters that a checkpoint carries: layer forward calls (each over one batch),
         # seconds spent, and the measured memory.
@@ -97,14 +96,12 @@ class Trainer:
         return self.config.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
     # --- one step ----------------------------------------------------------------------
-    def forward_loss(self, block: int, images, labels, generator) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Mean training loss of one batch for `block` and the σ's drawn (None end to end)."""
+    def forward_loss(self, block: int, batch, generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Mean training loss of one batch for `block` and the noise levels drawn (None end to end)."""
         if self.config.mode == "e2e":
-            return self.task.end_to_end_loss(self.task.end_to_end(images), labels).mean(), None
-        sigma = schedule.sample_sigmas(len(labels), self.plan.training_range(block), generator=generator)
-        z, z_in = dx.add_noise(self.task.target(labels), sigma, generator=generator)
-        _, logits = self.task.denoise(images, z, z_in, sigma, self.plan.layers(block))
-        return self.task.denoising_loss(logits, labels, sigma).mean(), sigma
+            return self.task.end_to_end_loss(batch, generator).mean(), None
+        loss, levels = self.task.block_loss(batch, block, self.plan, generator)
+        return loss.mean(), levels
 
     def train_step(self, step: int) -> dict:
         """Step `step` of the run: its block, batch and noise all come from its own generator."""
@@ -114,15 +111,14 @@ class Trainer:
     def block_step(self, block: int, step: int, generator: torch.Generator) -> dict:
         """One optimizer step that runs and updates only `block` (and the shared modules)."""
         config = self.config
-        images, labels = data.train_batch(self.data, step, config.batch_size, config.seed,
-                                          config.max_shift, generator)
+        batch = self.task.train_batch(step, config.batch_size, config.seed, generator)
         # Batches are always full, so a block's memory is the same at every step: measure
         # its first step only and keep the hooks off the hot path afterwards.
         measured = self.counters["activation_bytes_by_block"]
         measure = str(block) not in measured
         saved = SavedActivations(self.model.parameters()) if measure else contextlib.nullcontext()
         with saved:
-            loss, sigma = self.forward_loss(block, images, labels, generator)
+            loss, levels = self.forward_loss(block, batch, generator)
         loss.backward()
         with_grad = [p for p in self.model.parameters() if p.grad is not None]
         if measure:
@@ -135,23 +131,19 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)  # None, not 0: AdamW then skips inactive blocks
         record = {"step": step + 1, "block": block, "lr": lr, "loss": loss.item(), "grad_norm": grad_norm.item()}
-        if sigma is not None:
-            record.update(sigma_min=sigma.min().item(), sigma_median=sigma.median().item(),
-                          sigma_max=sigma.max().item())
+        if levels is not None:
+            name = self.task.level_name
+            record.update({f"{name}_min": levels.min().item(), f"{name}_median": levels.median().item(),
+                           f"{name}_max": levels.max().item()})
         return record
 
     # --- evaluation --------------------------------------------------------------------
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> torch.Tensor:
-        if self.config.mode == "e2e":
-            return self.task.end_to_end(images)
-        steps = self.config.inference_steps or self.plan.num_blocks
-        return sampler.denoise_chain(self.task, self.plan, images, (self.config.model.width,), steps,
-                                     torch.Generator().manual_seed(EVAL_SEED), self.config.inference_schedule)
-
     def evaluate(self) -> dict:
-        metrics = self.task.metrics(self.predict(self.data.test_images), self.data.test_labels)
-        return {"test_" + name: value for name, value in metrics.items()}
+        self.model.eval()
+        try:
+            return self.task.evaluate(self.plan, self.config.mode)
+        finally:
+            self.model.train()
 
     # --- the run -----------------------------------------------------------------------
     def save(self):
@@ -200,16 +192,13 @@ class Trainer:
     def finish(self, log: MetricsLog) -> dict:
         """Final evaluation, plot and report.json."""
         started = time.perf_counter()
-        self.counters["inference_layer_evals"] = 0  # report the layer calls of this one evaluation
+        self.counters["inference_layer_evals"] = 0  # report the layer calls of one evaluation
         metrics = self.evaluate()
-        if self.config.mode == "blocks":  # SPEC §6 leaves the sampler's E open: measure both
-            configured = self.task.normalized_inference_embedding
-            self.task.normalized_inference_embedding = not configured
-            other = self.evaluate()["test_accuracy"]
-            self.task.normalized_inference_embedding = configured
-            metrics["test_accuracy_normalized_E"] = metrics["test_accuracy"] if configured else other
-            metrics["test_accuracy_unnormalized_E"] = other if configured else metrics["test_accuracy"]
-            self.counters["inference_layer_evals"] //= 2
+        inference_layer_evals = self.counters["inference_layer_evals"]
+        self.model.eval()
+        metrics.update(self.task.finish(self.plan, self.config.mode, self.out_dir))
+        self.model.train()
+        self.counters["inference_layer_evals"] = inference_layer_evals
         self.counters["wall_s"] += time.perf_counter() - started
         log.write({"step": self.step, "eval": metrics})
         log.flush()
@@ -224,7 +213,7 @@ class Trainer:
         activations = counters["activation_bytes_by_block"]
         parameters = list(self.model.parameters())
         return {
-            "preset": config.preset, "mode": config.mode, "blocks": self.plan.num_blocks,
+            "preset": config.preset, "task": config.task, "mode": config.mode, "blocks": self.plan.num_blocks,
             "partition": config.partition if config.mode == "blocks" else None,
             "gamma": config.gamma if config.mode == "blocks" else None,
             "block_schedule": config.block_schedule, "seed": config.seed,

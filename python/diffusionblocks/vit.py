@@ -20,7 +20,11 @@ from torch import nn
 
 import diffusionblocks_ext as dx
 
+from . import data, sampler, schedule
+from .errors import ConfigError
 from .layers import AdaptiveNorm, SigmaEmbedder, TransformerLayer
+
+EVAL_SEED = 0  # the sampler's starting noise at evaluation; fixed so evaluation is repeatable
 
 
 @dataclass
@@ -30,6 +34,31 @@ class ViTConfig:
     heads: int = 4
     mlp_ratio: int = 4
     patch_size: int = 2
+    max_shift: int = 1                   # augmentation: random shift in pixels
+    inference_steps: int = 0             # N Euler levels; 0 = B
+    inference_schedule: str = "cdf"      # "cdf" (equal steps in the training CDF) or "karras" (ρ=7)
+    normalized_inference_embedding: bool = True
+
+    def check(self, config) -> None:
+        """Raises ConfigError naming the first bad field (config: the whole TrainConfig)."""
+        problems = [
+            (self.layers >= 1, f"model.layers: expected at least 1, got {self.layers}"),
+            (self.width >= 1 and self.heads >= 1 and self.width % self.heads == 0,
+             f"model.width: expected a positive multiple of model.heads={self.heads}, got {self.width}"),
+            (self.mlp_ratio >= 1, f"model.mlp_ratio: expected at least 1, got {self.mlp_ratio}"),
+            (self.patch_size >= 1 and data.IMAGE_SIZE % self.patch_size == 0,
+             f"model.patch_size: expected a divisor of the image size {data.IMAGE_SIZE}, got {self.patch_size}"),
+            (self.max_shift >= 0, f"model.max_shift: expected >= 0, got {self.max_shift}"),
+            (self.inference_steps >= 0, f"model.inference_steps: expected >= 0 (0 = B), got {self.inference_steps}"),
+            (self.inference_schedule in schedule.INFERENCE_SCHEDULES,
+             f"model.inference_schedule: expected one of {', '.join(schedule.INFERENCE_SCHEDULES)}, "
+             f"got {self.inference_schedule!r}"),
+            (1 <= config.batch_size <= data.TRAIN_SIZE,
+             f"batch_size: expected 1..{data.TRAIN_SIZE} (the training set), got {config.batch_size}"),
+        ]
+        for ok, message in problems:
+            if not ok:
+                raise ConfigError(message)
 
 
 def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
@@ -72,14 +101,63 @@ class ViT(nn.Module):
 
 
 class ViTClassification:
-    """The DenoisingTask for image classification (see task.py)."""
+    """Image classification of scikit-learn's digits as a task (see task.py)."""
 
-    def __init__(self, model: ViT, normalized_inference_embedding: bool = True):
-        self.model = model
-        self.num_layers = len(model.layers)
+    Config = ViTConfig
+    level_name = "sigma"
+
+    def __init__(self, options: ViTConfig):
+        self.options = options
+        self.data = data.load()
+        self.model = ViT(options, self.data.image_size, self.data.channels, self.data.num_classes)
+        self.num_layers = len(self.model.layers)
         # SPEC §6 decision: the sampler uses the normalised E; False reproduces the authors' code.
-        self.normalized_inference_embedding = normalized_inference_embedding
+        self.normalized_inference_embedding = options.normalized_inference_embedding
 
+    # --- training (task.py) ---------------------------------------------------------
+    def train_batch(self, step, batch_size, seed, generator):
+        return data.train_batch(self.data, step, batch_size, seed, self.options.max_shift, generator)
+
+    def block_loss(self, batch, block, plan, generator):
+        images, labels = batch
+        sigma = schedule.sample_sigmas(len(labels), plan.training_range(block), generator=generator)
+        z, z_in = dx.add_noise(self.target(labels), sigma, generator=generator)
+        _, logits = self.denoise(images, z, z_in, sigma, plan.layers(block))
+        return self.denoising_loss(logits, labels, sigma), sigma
+
+    def end_to_end_loss(self, batch, generator):
+        images, labels = batch
+        logits = self.end_to_end(images)
+        return dx.weighted_cross_entropy(logits, labels, torch.ones(len(labels), dtype=logits.dtype))
+
+    def no_weight_decay(self):
+        return {"pos_embed"}
+
+    # --- evaluation -------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, plan, mode: str) -> torch.Tensor:
+        """Logits: the whole stack end to end, or the Euler chain over the blocks."""
+        if mode == "e2e":
+            return self.end_to_end(images)
+        steps = self.options.inference_steps or plan.num_blocks
+        return sampler.denoise_chain(self, plan, images, (self.options.width,), steps,
+                                     torch.Generator().manual_seed(EVAL_SEED), self.options.inference_schedule)
+
+    def evaluate(self, plan, mode):
+        logits = self.predict(self.data.test_images, plan, mode)
+        return {"test_accuracy": (logits.argmax(dim=-1) == self.data.test_labels).float().mean().item()}
+
+    def finish(self, plan, mode, out_dir):
+        """SPEC §6 leaves the sampler's E open: measure the other choice on the same weights."""
+        if mode != "blocks":
+            return {}
+        configured = self.normalized_inference_embedding
+        self.normalized_inference_embedding = not configured
+        other = self.evaluate(plan, mode)["test_accuracy"]
+        self.normalized_inference_embedding = configured
+        return {f"test_accuracy_{'unnormalized' if configured else 'normalized'}_E": other}
+
+    # --- the pieces the sampler chains (sampler.py) ---------------------------------------
     def target(self, labels: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.model.label_embed[labels], dim=-1)
 
@@ -105,8 +183,3 @@ class ViTClassification:
         h = self.model.run_layers(images, token0, cond, range(self.num_layers))
         return self.model.logits(h, cond)
 
-    def end_to_end_loss(self, logits, labels):
-        return dx.weighted_cross_entropy(logits, labels, torch.ones(len(labels), dtype=logits.dtype))
-
-    def metrics(self, logits, labels):
-        return {"accuracy": (logits.argmax(dim=-1) == labels).float().mean().item()}
