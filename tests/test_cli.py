@@ -98,3 +98,11 @@ def test_set_parses_types_and_model_fields():
     assert (config.model.width, config.model.heads, config.model.layers) == (32, 4, 3)
     assert config.split == (1, 2) and config.model.normalized_inference_embedding is False and config.lr == 2e-3
     assert config.preset == "vit-digits"
+
+
+def test_sample_refuses_a_task_that_generates_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["train", "vit-digits-tiny", "--out", str(out), "--set", "e2e_steps=2", "progress=false"]) == 0
+    capsys.readouterr()
+    assert cli.main(["sample", str(out)]) == 2
+    assert capsys.readouterr().err.startswith("diffusionblocks: error: dir: the 'vit' task of")

@@ -29,6 +29,17 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
     evaluate = commands.add_parser("eval", help="evaluate the checkpoint of a run directory")
     evaluate.add_argument("dir")
+    sample = commands.add_parser("sample", help="generate from the checkpoint of a generative run")
+    sample.add_argument("dir")
+    sample.add_argument("--steps", type=int, help="noise levels N (default: the task's)")
+    sample.add_argument("--sampler", choices=["euler", "heun"], default="euler")
+    sample.add_argument("--cfg", type=float, help="classifier-free guidance scale")
+    sample.add_argument("--class", dest="label", type=int, help="sample this class only (default: all)")
+    sample.add_argument("--count", type=int, help="samples per class, or sequences")
+    sample.add_argument("--prompt", help="text tasks: the prompt to continue")
+    sample.add_argument("--tokens", type=int, help="text tasks: tokens to generate")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--out", help="output file (default: in the run directory)")
     return top
 
 
@@ -79,25 +90,56 @@ def train(args) -> int:
     return 0
 
 
-def evaluate(args) -> int:
+def trained(run_dir: Path):
+    """The Trainer of a finished or interrupted run, at its last checkpoint."""
     from .train import Trainer
 
-    run_dir = Path(args.dir)
     config = load_run_config(run_dir)
     if not checkpoint.exists(run_dir):
         raise ConfigError(f"dir: {run_dir} has no checkpoint")
     trainer = Trainer(config, run_dir)
     trainer.resume()
+    return trainer
+
+
+def evaluate(args) -> int:
+    run_dir = Path(args.dir)
+    trainer = trained(run_dir)
     result = {"dir": str(run_dir), "step": trainer.step, "metrics": trainer.evaluate()}
     (run_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
     return 0
 
 
+def sample(args) -> int:
+    import torch
+
+    from .task import SampleRequest
+
+    run_dir = Path(args.dir)
+    trainer = trained(run_dir)
+    if not hasattr(trainer.task, "sample"):
+        raise ConfigError(f"dir: the {trainer.config.task!r} task of {run_dir} generates nothing to sample")
+    for name in ("steps", "count", "tokens"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ConfigError(f"{name}: expected at least 1, got {getattr(args, name)}")
+    request = SampleRequest(steps=args.steps, sampler=args.sampler, cfg=args.cfg, label=args.label,
+                            count=args.count, prompt=args.prompt, tokens=args.tokens, seed=args.seed,
+                            out=Path(args.out) if args.out else None)
+    trainer.model.eval()
+    with torch.no_grad():
+        summary = trainer.task.sample(trainer.plan, trainer.config.mode, request)
+    print(json.dumps(summary))
+    return 0
+
+
+COMMANDS = {"train": train, "eval": evaluate, "sample": sample}
+
+
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     try:
-        return train(args) if args.command == "train" else evaluate(args)
+        return COMMANDS[args.command](args)
     except ConfigError as error:
         print(f"diffusionblocks: error: {error}", file=sys.stderr)
         return 2

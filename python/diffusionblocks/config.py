@@ -60,14 +60,13 @@ class TrainConfig:
         return BlockPartition(self.model.layers, self.blocks, self.partition, self.gamma, self.split)
 
 
-PRESETS = {
-    # The README's main job: 6 layers of width 64 train in minutes on 2 CPU cores.
-    "vit-digits": lambda: TrainConfig(),
-    # For tests: seconds, not minutes.
-    "vit-digits-tiny": lambda: TrainConfig(
-        preset="vit-digits-tiny", model=ViTConfig(layers=2, width=16, heads=2, mlp_ratio=2),
-        blocks=2, e2e_steps=10, warmup_e2e_steps=2, batch_size=32, checkpoint_every=5, threads=1),
-}
+def _preset_factory(name: str, task: str, make):
+    return lambda: TrainConfig(preset=name, task=task, **make())
+
+
+# Each task class names its presets (name -> a function returning TrainConfig fields).
+PRESETS = {name: _preset_factory(name, task, make)
+           for task, task_class in TASKS.items() for name, make in task_class.presets.items()}
 
 
 def preset(name: str) -> TrainConfig:

@@ -4,8 +4,11 @@ The trainer owns everything else: which block trains, the optimizer and its sche
 gradient clipping, memory and compute counters, checkpoints, logs and the report.
 
 A task class also names its options dataclass (`Config`: model shape and task knobs,
-the `model.*` fields of a run's config) and is registered in tasks.py."""
+the `model.*` fields of a run's config, with a `check(config)` that raises ConfigError),
+its presets (`presets`: name -> function returning TrainConfig fields), and is
+registered in tasks.py."""
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -13,6 +16,20 @@ import torch
 from torch import nn
 
 from .partition import BlockPartition
+
+
+@dataclass
+class SampleRequest:
+    """What `diffusionblocks sample` asks of a generative task; None = the task's default."""
+    steps: int | None = None        # N noise levels (or unmasking steps)
+    sampler: str = "euler"          # "euler" or "heun" where the task has both
+    cfg: float | None = None        # classifier-free guidance scale
+    label: int | None = None        # one class to sample (None: every class, one row each)
+    count: int | None = None        # samples per class / sequences
+    prompt: str | None = None       # text tasks: the prompt to continue
+    tokens: int | None = None       # text tasks: how many tokens to generate
+    seed: int = 0
+    out: Path | None = None         # where the task writes its samples (PNG, text)
 
 
 class Task(Protocol):
@@ -39,3 +56,8 @@ class Task(Protocol):
     def finish(self, plan: BlockPartition, mode: str, out_dir: Path) -> dict[str, Any]:
         """At the end of a run, after evaluate(): further metrics for the report, and any
         files the task writes into out_dir (samples, grids)."""
+
+    # Generative tasks only (`diffusionblocks sample DIR`):
+    # def sample(self, plan: BlockPartition, mode: str, request: SampleRequest) -> dict[str, Any]:
+    #     """Writes the samples to request.out (a default name in the run directory if None)
+    #     and returns a JSON-able summary (files written, layer evaluations, seconds)."""
