@@ -43,7 +43,7 @@ def test_train_then_eval_end_to_end(tmp_path):
     assert json.loads((out / "config.json").read_text())["seed"] == 1
     assert len([line for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]) == 8
     assert (out / "loss_by_block.png").stat().st_size > 0
-    assert (out / "checkpoint" / "model.safetensors").exists()
+    assert (out / "checkpoint" / "step-00000008" / "model.safetensors").exists()
 
     evaluated = run_cli("eval", str(out))
     assert evaluated.returncode == 0, evaluated.stderr

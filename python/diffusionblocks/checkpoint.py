@@ -1,48 +1,160 @@
-"""Checkpoints that resume bit-exactly on CPU: model weights in safetensors, and beside
-them the optimizer state, the step, the trainer's counters and torch's global RNG state.
-Training draws its randomness from per-step generators (train.py), so (weights,
-optimizer, step) already fix the rest of the run; the global RNG state is restored too
-so that any other code drawing from it also continues identically."""
+"""Crash-safe checkpoints that resume bit-exactly on CPU.
 
+    OUT/checkpoint/step-00000120/   model.safetensors, state.pt, manifest.json
+    OUT/checkpoint/step-00000240/   the newest complete one
+    OUT/checkpoint/latest           "step-00000240"
+
+A checkpoint is written into `step-N.tmp/`, every file fsynced, then a manifest with the
+step, the run's config and the SHA-256 of each file, then the folder is renamed into
+place and `latest` is replaced atomically (write, fsync, rename). Only then are older
+checkpoints removed, keeping the previous one: a crash at any moment leaves at least one
+complete checkpoint. Loading verifies the hashes and falls back to the newest checkpoint
+that is intact, saying so.
+
+The state holds the optimizer states, the step, the trainer's counters and torch's global
+RNG state. Training draws its randomness from per-step generators (train.py), so
+(weights, optimizers, step) already fix the rest of the run; the global RNG is restored
+too so that any other code drawing from it also continues identically."""
+
+import hashlib
+import json
 import os
+import shutil
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from .errors import ConfigError
+
 DIRNAME = "checkpoint"
+KEEP = 2  # the newest checkpoint and the one before it
+FILES = ("model.safetensors", "state.pt")
 
 
-def _replace(write, path: Path):
-    """Write to a temporary name, then rename, so a crash never leaves a half-written file."""
+class CheckpointError(ConfigError):
+    """No intact checkpoint to load; the message says what is wrong with each one."""
+
+
+@dataclass
+class Checkpoint:
+    folder: Path
+    step: int
+    config: dict
+    weights: dict[str, torch.Tensor]
+    state: dict
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomically(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
+    tmp.write_text(text)
+    _fsync(tmp)
     os.replace(tmp, path)
+    _fsync(path.parent)
 
 
-def save(out_dir, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, counters: dict):
-    folder = Path(out_dir) / DIRNAME
-    folder.mkdir(parents=True, exist_ok=True)
-    weights = {name: t.detach().contiguous() for name, t in model.state_dict().items()}
-    _replace(lambda p: save_file(weights, str(p), metadata={"step": str(step)}), folder / "model.safetensors")
-    state = {"step": step, "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
-             "counters": counters}
-    _replace(lambda p: torch.save(state, p), folder / "state.pt")
+def _step_folders(root: Path) -> list[Path]:
+    """Complete-looking checkpoint folders, newest first."""
+    folders = [p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")]
+    return sorted(folders, key=lambda p: p.name, reverse=True)
+
+
+def save(out_dir, weights: dict[str, torch.Tensor], state: dict, config: dict) -> Path:
+    root = Path(out_dir) / DIRNAME
+    root.mkdir(parents=True, exist_ok=True)
+    step = int(state["step"])
+    name = f"step-{step:08d}"
+    tmp = root / (name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save
+    tmp.mkdir()
+    save_file({k: t.detach().contiguous() for k, t in weights.items()}, str(tmp / FILES[0]),
+              metadata={"step": str(step)})
+    torch.save(state, tmp / FILES[1])
+    for file in FILES:
+        _fsync(tmp / file)
+    manifest = {"step": step, "config": config, "sha256": {file: _sha256(tmp / file) for file in FILES}}
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    _fsync(tmp / "manifest.json")
+    _fsync(tmp)
+    final = root / name
+    shutil.rmtree(final, ignore_errors=True)  # the same step saved again (a finished run re-evaluated)
+    os.replace(tmp, final)
+    _fsync(root)
+    _write_atomically(root / "latest", name + "\n")
+    for old in _step_folders(root)[KEEP:]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
 
 
 def exists(out_dir) -> bool:
-    return (Path(out_dir) / DIRNAME / "state.pt").exists()
+    root = Path(out_dir) / DIRNAME
+    return root.is_dir() and bool(_step_folders(root))
 
 
-def load_weights(out_dir, model: torch.nn.Module) -> None:
-    model.load_state_dict(load_file(str(Path(out_dir) / DIRNAME / "model.safetensors")))
+def _verify(folder: Path) -> dict:
+    """The manifest of an intact checkpoint; raises ValueError saying what is damaged."""
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"unreadable manifest.json ({error.__class__.__name__})") from None
+    for file, expected in manifest.get("sha256", {}).items():
+        path = folder / file
+        if not path.exists():
+            raise ValueError(f"{file} is missing")
+        if _sha256(path) != expected:
+            raise ValueError(f"{file} does not match its SHA-256 (truncated or corrupted)")
+    if set(manifest.get("sha256", {})) != set(FILES):
+        raise ValueError("manifest.json does not list the checkpoint's files")
+    return manifest
 
 
-def load(out_dir, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Restores model, optimizer and global RNG; returns the saved state (step, counters)."""
-    folder = Path(out_dir) / DIRNAME
-    state = torch.load(folder / "state.pt", weights_only=True)
-    load_weights(out_dir, model)
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["torch_rng"])
-    return state
+def _candidates(root: Path) -> list[Path]:
+    """`latest` first (if it names a folder), then every other folder, newest first."""
+    folders = _step_folders(root)
+    try:
+        named = root / (root / "latest").read_text().strip()
+    except OSError:
+        return folders
+    return ([named] if named in folders else []) + [f for f in folders if f != named]
+
+
+def parameter_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    with safe_open(str(folder / FILES[0]), framework="pt") as file:
+        return {name: tuple(file.get_slice(name).get_shape()) for name in file.keys()}
+
+
+def load(out_dir, warn=lambda message: print(message, file=sys.stderr)) -> Checkpoint:
+    """The newest intact checkpoint of a run; damaged ones are reported through `warn` and skipped."""
+    root = Path(out_dir) / DIRNAME
+    problems = []
+    for folder in _candidates(root):
+        try:
+            manifest = _verify(folder)
+            weights = load_file(str(folder / FILES[0]))
+            state = torch.load(folder / FILES[1], weights_only=True)
+        except Exception as error:  # any damage: report it, fall back to an older checkpoint
+            problems.append(f"{folder.name}: {error}")
+            warn(f"diffusionblocks: warning: checkpoint {folder} is damaged ({error}); trying an older one")
+            continue
+        return Checkpoint(folder, manifest["step"], manifest["config"], weights, state)
+    detail = "; ".join(problems) if problems else "none found"
+    raise CheckpointError(f"checkpoint: no intact checkpoint in {root} ({detail})")

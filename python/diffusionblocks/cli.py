@@ -58,16 +58,28 @@ def load_run_config(run_dir: Path) -> TrainConfig:
     return validate(from_dict(json.loads(path.read_text())))
 
 
+def check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(f"out: cannot write to {out} ({error.strerror or error})") from None
+
+
 def train(args) -> int:
-    from .train import Trainer  # torch and the model load only once the arguments are valid
+    # torch and the model load only once the arguments are valid
+    from .train import Interrupted, Trainer, TrainingError
 
     if args.resume:
         given = [name for name in ("preset", "mode", "blocks", "gamma", "partition", "seed", "out")
-                 if getattr(args, name) is not None] + (["set"] if args.set else [])
+                 if getattr(args, name) is not None]
         if given:
-            raise ConfigError(f"resume: the run's config comes from its config.json; drop --{given[0]}")
+            raise ConfigError(f"resume: the run's config comes from its config.json (change fields with "
+                              f"--set); drop --{given[0]}")
         out = Path(args.resume)
-        config = load_run_config(out)
+        config = validate(override(load_run_config(out), [item for group in args.set for item in group]))
         if not checkpoint.exists(out):
             raise ConfigError(f"resume: {out} has no checkpoint to resume from")
     else:
@@ -77,12 +89,16 @@ def train(args) -> int:
         if (out / "config.json").exists():
             raise ConfigError(f"out: {out} already holds a run; continue it with --resume {out} "
                               "or choose another --out")
+    check_writable(out)
     try:
         report = Trainer(config, out).run(resume=bool(args.resume))
-    except KeyboardInterrupt:
-        print(f"\ninterrupted; continue from the last checkpoint with: diffusionblocks train --resume {out}",
-              file=sys.stderr)
-        return 130
+    except Interrupted as stop:
+        print(f"\ndiffusionblocks: {stop}: checkpoint written; continue with: diffusionblocks train "
+              f"--resume {out}", file=sys.stderr)
+        return 128 + stop.signum
+    except TrainingError as error:
+        print(f"diffusionblocks: error: {error}; the last checkpoint is in {out}", file=sys.stderr)
+        return 1
     metrics = " · ".join(f"{name} {value:.4g}" for name, value in report["metrics"].items()
                          if isinstance(value, float))
     print(f"{metrics} · {report['layer_evals']} layer evals · {report['wall_s']:.1f} s · "

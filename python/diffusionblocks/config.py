@@ -38,6 +38,7 @@ class TrainConfig:
     seed: int = 0
     eval_every: int = 0                  # steps between test evaluations; 0 = at the end only
     checkpoint_every: int = 500
+    max_nonfinite_steps: int = 5         # consecutive non-finite losses that stop the run
     threads: int = 0                     # torch intra-op threads; 0 = leave torch's default
     progress: bool = True                # tqdm progress bar
 
@@ -134,6 +135,8 @@ def validate(config: TrainConfig) -> TrainConfig:
     need(config.grad_clip > 0, f"grad_clip: expected > 0, got {config.grad_clip:g}")
     need(config.eval_every >= 0, f"eval_every: expected >= 0, got {config.eval_every}")
     need(config.checkpoint_every >= 1, f"checkpoint_every: expected >= 1, got {config.checkpoint_every}")
+    need(config.max_nonfinite_steps >= 1,
+         f"max_nonfinite_steps: expected at least 1, got {config.max_nonfinite_steps}")
     need(config.threads >= 0, f"threads: expected >= 0, got {config.threads}")
     try:
         config.partition_plan()

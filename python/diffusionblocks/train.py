@@ -13,6 +13,8 @@ pure function of its config and a resumed run repeats the uninterrupted one bit 
 import contextlib
 import json
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -23,20 +25,88 @@ import diffusionblocks_ext as dx
 
 from . import checkpoint
 from .config import TrainConfig, to_dict, validate
+from .errors import ConfigError
 from .logs import MetricsLog, plot_loss_by_block
 from .memory import SavedActivations, optimizer_state_bytes, tensor_bytes
 from .tasks import TASKS
 
 
-def build_optimizer(model: torch.nn.Module, config: TrainConfig, no_decay_names: set[str]) -> torch.optim.AdamW:
+def build_optimizer(named_params: list[tuple[str, torch.nn.Parameter]], config: TrainConfig,
+                    no_decay_names: set[str]) -> torch.optim.AdamW:
     """AdamW; weight decay on matrices (embeddings included), not on biases, norms or the
     parameters the task names (e.g. positions)."""
-    decays = {n: p.dim() >= 2 and n not in no_decay_names for n, p in model.named_parameters()}
-    decay = [p for n, p in model.named_parameters() if decays[n]]
-    no_decay = [p for n, p in model.named_parameters() if not decays[n]]
-    groups = [{"params": decay, "weight_decay": config.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    decays = {n: p.dim() >= 2 and n not in no_decay_names for n, p in named_params}
+    groups = [{"params": [p for n, p in named_params if decays[n]], "weight_decay": config.weight_decay},
+              {"params": [p for n, p in named_params if not decays[n]], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.999))
+
+
+def block_optimizers(model: torch.nn.Module, plan, config: TrainConfig,
+                     no_decay_names: set[str]) -> dict[str, torch.optim.AdamW]:
+    """One optimizer per block (its layers) and one for the shared modules (everything
+    else), so a block's optimizer state can live wherever its weights live. AdamW keeps
+    per-parameter state, so this steps exactly as one optimizer over all parameters would."""
+    owner = {}
+    for block in range(plan.num_blocks):
+        for index in plan.layers(block):
+            for name, _ in model.layers[index].named_parameters():
+                owner[f"layers.{index}.{name}"] = f"block{block}"
+    named = {"shared": []} | {f"block{b}": [] for b in range(plan.num_blocks)}
+    for name, p in model.named_parameters():
+        named[owner.get(name, "shared")].append((name, p))
+    return {key: build_optimizer(params, config, no_decay_names) for key, params in named.items()}
+
+
+def _flatten(values: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def refuse_structure_change(saved: checkpoint.Checkpoint, config: TrainConfig, model: torch.nn.Module):
+    """A checkpoint restores only into the model and the blocks it was trained as."""
+    before, now = _flatten(saved.config), _flatten(to_dict(config))
+    structural = [k for k in ("task", "mode", "blocks", "split") if before.get(k) != now.get(k)]
+    shapes = {name: tuple(t.shape) for name, t in saved.weights.items()}
+    if shapes != {name: tuple(t.shape) for name, t in model.state_dict().items()}:
+        structural += [k for k in now if k.startswith("model.") and before.get(k) != now.get(k)] or ["model"]
+    if structural:
+        changes = ", ".join(f"{k} ({before.get(k)!r} -> {now.get(k)!r})" for k in structural)
+        raise ConfigError(f"resume: the checkpoint in {saved.folder} was trained with another model "
+                          f"or partition; changed: {changes}")
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (e.g. the loss stays non-finite); the message says where."""
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived; the run saved a checkpoint at `step` and stopped."""
+
+    def __init__(self, signum: int, step: int):
+        super().__init__(f"{signal.Signals(signum).name} at step {step}")
+        self.signum, self.step = signum, step
+
+
+@contextlib.contextmanager
+def stop_on_signals(trainer: "Trainer"):
+    """While training, SIGINT/SIGTERM only set a flag: the loop finishes its step, writes a
+    checkpoint and raises Interrupted, so a kill never loses more than one step."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be installed from the main thread
+        return
+    def handler(signum, frame):
+        trainer.stop_signal = signum
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 class Trainer:
@@ -49,12 +119,14 @@ class Trainer:
         self.task = TASKS[config.task](config.model)
         self.model = self.task.model
         self.plan = config.partition_plan()
-        self.optimizer = build_optimizer(self.model, config, self.task.no_weight_decay())
+        self.optimizers = block_optimizers(self.model, self.plan, config, self.task.no_weight_decay())
         self.step = 0
         # Counters that a checkpoint carries: layer forward calls (each over one batch),
-        # seconds spent, and the measured memory.
+        # seconds spent, the measured memory, and skipped (non-finite) steps.
         self.counters = {"train_layer_evals": 0, "inference_layer_evals": 0, "wall_s": 0.0,
-                         "activation_bytes_by_block": {}, "grad_bytes": 0}
+                         "activation_bytes_by_block": {}, "grad_bytes": 0,
+                         "nonfinite_steps": 0, "consecutive_nonfinite": 0}
+        self.stop_signal = None  # set by SIGINT/SIGTERM during run(): checkpoint, then stop
         for layer in self.model.layers:
             layer.register_forward_pre_hook(self._count_layer_call)
 
@@ -119,23 +191,42 @@ class Trainer:
         saved = SavedActivations(self.model.parameters()) if measure else contextlib.nullcontext()
         with saved:
             loss, levels = self.forward_loss(block, batch, generator)
-        loss.backward()
+        if torch.isfinite(loss):
+            loss.backward()
         with_grad = [p for p in self.model.parameters() if p.grad is not None]
-        if measure:
+        if measure and with_grad:
             measured[str(block)] = saved.bytes
             self.counters["grad_bytes"] = max(self.counters["grad_bytes"], tensor_bytes(p.grad for p in with_grad))
-        grad_norm = torch.nn.utils.clip_grad_norm_(with_grad, config.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(with_grad, config.grad_clip) if with_grad else \
+            torch.tensor(float("nan"))
         lr = self.lr_at(step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)  # None, not 0: AdamW then skips inactive blocks
         record = {"step": step + 1, "block": block, "lr": lr, "loss": loss.item(), "grad_norm": grad_norm.item()}
+        if torch.isfinite(grad_norm):  # a finite loss can still give an overflowing gradient
+            self.counters["consecutive_nonfinite"] = 0
+            for key in ("shared", f"block{block}"):
+                for group in self.optimizers[key].param_groups:
+                    group["lr"] = lr
+                self.optimizers[key].step()
+        else:
+            self.skip_nonfinite(step, block, levels)
+            record["skipped"] = True
+        for p in with_grad:
+            p.grad = None  # None, not 0: AdamW then skips parameters this step did not use
         if levels is not None:
             name = self.task.level_name
             record.update({f"{name}_min": levels.min().item(), f"{name}_median": levels.median().item(),
                            f"{name}_max": levels.max().item()})
         return record
+
+    def skip_nonfinite(self, step: int, block: int, levels: torch.Tensor | None):
+        """A non-finite loss or gradient: no update; too many in a row end the run."""
+        self.counters["nonfinite_steps"] += 1
+        self.counters["consecutive_nonfinite"] += 1
+        if self.counters["consecutive_nonfinite"] >= self.config.max_nonfinite_steps:
+            where = f"block {block}" if levels is None else \
+                f"block {block}, {self.task.level_name} in [{levels.min().item():.4g}, {levels.max().item():.4g}]"
+            raise TrainingError(f"step {step + 1}: {self.counters['consecutive_nonfinite']} consecutive "
+                                f"non-finite losses or gradients (last: {where}); lower lr or check the data")
 
     # --- evaluation --------------------------------------------------------------------
     def evaluate(self) -> dict:
@@ -147,11 +238,19 @@ class Trainer:
 
     # --- the run -----------------------------------------------------------------------
     def save(self):
-        checkpoint.save(self.out_dir, self.model, self.optimizer, self.step, self.counters)
+        state = {"step": self.step, "counters": self.counters, "torch_rng": torch.get_rng_state(),
+                 "optimizers": {key: opt.state_dict() for key, opt in self.optimizers.items()}}
+        checkpoint.save(self.out_dir, self.model.state_dict(), state, to_dict(self.config))
 
     def resume(self):
-        state = checkpoint.load(self.out_dir, self.model, self.optimizer)
-        self.step, self.counters = state["step"], state["counters"]
+        """Continue from the newest intact checkpoint; refuse one whose model differs."""
+        saved = checkpoint.load(self.out_dir)
+        refuse_structure_change(saved, self.config, self.model)
+        self.model.load_state_dict(saved.weights)
+        for key, opt in self.optimizers.items():
+            opt.load_state_dict(saved.state["optimizers"][key])
+        torch.set_rng_state(saved.state["torch_rng"])
+        self.step, self.counters = saved.state["step"], saved.state["counters"]
 
     def run(self, resume: bool = False, stop_after: int | None = None) -> dict | None:
         """Trains to the end (or until `stop_after` steps, then checkpoints and returns None,
@@ -160,14 +259,19 @@ class Trainer:
         out.mkdir(parents=True, exist_ok=True)
         if resume:
             self.resume()
-        else:
-            (out / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
+        # On resume too: fields a resume may change (e.g. steps) are the run's config from now on.
+        (out / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
         log = MetricsLog(out / "metrics.jsonl", resume_step=self.step if resume else None)
         end = config.total_steps if stop_after is None else min(stop_after, config.total_steps)
         bar = tqdm(total=config.total_steps, initial=self.step, disable=not config.progress,
                    desc=f"{config.mode} B={self.plan.num_blocks}", dynamic_ncols=True)
         started = time.perf_counter()
-        try:  # an interruption (Ctrl-C) leaves the last checkpoint as the place to resume from
+        with stop_on_signals(self):
+            return self._loop(log, bar, end, started)
+
+    def _loop(self, log: MetricsLog, bar, end: int, started: float) -> dict | None:
+        config = self.config
+        try:
             while self.step < end:
                 record = self.train_step(self.step)
                 self.step += 1
@@ -177,11 +281,13 @@ class Trainer:
                     bar.set_postfix(loss=f"{record['loss']:.3g}", block=record["block"])
                 if config.eval_every and self.step % config.eval_every == 0 and self.step < config.total_steps:
                     log.write({"step": self.step, "eval": self.evaluate()})
-                if self.step % config.checkpoint_every == 0 or self.step == end:
+                if self.step % config.checkpoint_every == 0 or self.step == end or self.stop_signal:
                     self.counters["wall_s"] += time.perf_counter() - started
                     started = time.perf_counter()
                     self.save()
                     log.flush()
+                if self.stop_signal:
+                    raise Interrupted(self.stop_signal, self.step)
             if self.step < config.total_steps:
                 return None
             return self.finish(log)
@@ -227,7 +333,7 @@ class Trainer:
                 "activation_bytes_by_block": activations,
                 "param_bytes": tensor_bytes(parameters),
                 "grad_bytes": counters["grad_bytes"],
-                "optimizer_bytes": optimizer_state_bytes(self.optimizer),
+                "optimizer_bytes": sum(optimizer_state_bytes(opt) for opt in self.optimizers.values()),
             },
             "backend": dx.backend(parameters[0]),
             "threads": torch.get_num_threads(),
