@@ -14,6 +14,7 @@ from .vit import ViTConfig
 
 MODES = ("blocks", "e2e")
 BLOCK_SCHEDULES = ("random", "round-robin", "sequential")
+OFFLOADS = ("none", "disk")
 __all__ = ["ConfigError", "TrainConfig", "PRESETS", "preset", "override", "validate", "to_dict", "from_dict"]
 
 
@@ -28,6 +29,9 @@ class TrainConfig:
     partition: str = "equi"              # "equi" (equi-probability) or "uniform" (in ln σ)
     gamma: float = 0.05                  # overlap of neighbouring σ ranges
     block_schedule: str = "random"       # "random", "round-robin" or "sequential"
+    steps_per_swap: int = 1              # the block changes at most every K steps (amortises offload)
+    offload: str = "none"                # inactive blocks' weights + optimizer state: "none" or "disk"
+    activation_checkpointing: bool = False  # recompute each layer in backward (torch.utils.checkpoint)
     e2e_steps: int = 1200                # end-to-end steps; block-wise runs B× as many (same layer evals)
     steps: int = 0                       # 0: the budget above; else an explicit step count
     batch_size: int = 128
@@ -120,6 +124,10 @@ def validate(config: TrainConfig) -> TrainConfig:
     need(config.mode in MODES, f"mode: expected one of {', '.join(MODES)}, got {config.mode!r}")
     need(config.block_schedule in BLOCK_SCHEDULES,
          f"block_schedule: expected one of {', '.join(BLOCK_SCHEDULES)}, got {config.block_schedule!r}")
+    need(config.steps_per_swap >= 1, f"steps_per_swap: expected at least 1, got {config.steps_per_swap}")
+    need(config.offload != "cpu", "offload: cpu moves inactive blocks from a GPU to host memory, and this "
+         "trainer trains on the CPU; use offload=disk (memory-mapped files)")
+    need(config.offload in OFFLOADS, f"offload: expected one of {', '.join(OFFLOADS)}, got {config.offload!r}")
     need(config.blocks >= 1, f"blocks: expected at least 1, got {config.blocks}")
     need(config.gamma >= 0, f"gamma: expected an overlap >= 0, got {config.gamma:g}")
     need(config.task in TASKS, f"task: expected one of {', '.join(sorted(TASKS))}, got {config.task!r}")

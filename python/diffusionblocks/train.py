@@ -14,11 +14,13 @@ import contextlib
 import json
 import math
 import signal
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 import torch
+from torch.utils.checkpoint import checkpoint as checkpoint_layer
 from tqdm import tqdm
 
 import diffusionblocks_ext as dx
@@ -28,7 +30,10 @@ from .config import TrainConfig, to_dict, validate
 from .errors import ConfigError
 from .logs import MetricsLog, plot_loss_by_block
 from .memory import SavedActivations, optimizer_state_bytes, tensor_bytes
+from .offload import DiskOffload
 from .tasks import TASKS
+
+OFFLOAD_DIR = "offload"  # in the run directory: the blocks' memory-mapped files
 
 
 def build_optimizer(named_params: list[tuple[str, torch.nn.Parameter]], config: TrainConfig,
@@ -80,6 +85,14 @@ def refuse_structure_change(saved: checkpoint.Checkpoint, config: TrainConfig, m
                           f"or partition; changed: {changes}")
 
 
+def recompute_in_backward(layers: torch.nn.ModuleList) -> None:
+    """Activation checkpointing: each layer keeps only its input for backward and runs
+    again there (non-reentrant). Module hooks still fire once per call."""
+    for layer in layers:
+        forward = layer.forward
+        layer.forward = lambda *args, forward=forward: checkpoint_layer(forward, *args, use_reentrant=False)
+
+
 class TrainingError(RuntimeError):
     """A run that cannot go on (e.g. the loss stays non-finite); the message says where."""
 
@@ -120,6 +133,12 @@ class Trainer:
         self.model = self.task.model
         self.plan = config.partition_plan()
         self.optimizers = block_optimizers(self.model, self.plan, config, self.task.no_weight_decay())
+        self.offload = None
+        if config.offload == "disk" and config.mode == "blocks":
+            folder = (self.out_dir or Path(tempfile.mkdtemp(prefix="diffusionblocks-"))) / OFFLOAD_DIR
+            self.offload = DiskOffload(self.model, self.plan, self.optimizers, folder)
+        if config.activation_checkpointing:
+            recompute_in_backward(self.model.layers)
         self.step = 0
         # Counters that a checkpoint carries: layer forward calls (each over one batch),
         # seconds spent, the measured memory, and skipped (non-finite) steps.
@@ -147,12 +166,18 @@ class Trainer:
         return blocks - 1, (blocks - 1) * total // blocks, total
 
     def choose_block(self, step: int, generator: torch.Generator) -> int:
-        blocks = self.plan.num_blocks
+        """Block of `step`; it changes only every steps_per_swap steps (the segment's first
+        step decides). The random schedule draws on every step so the rest of a step's
+        draws do not depend on K."""
+        blocks, swap = self.plan.num_blocks, self.config.steps_per_swap
         if self.config.block_schedule == "round-robin":
-            return step % blocks
+            return step // swap % blocks
         if self.config.block_schedule == "sequential":
             return self._segment(step)[0]
-        return int(torch.randint(0, blocks, (), generator=generator))
+        drawn = int(torch.randint(0, blocks, (), generator=generator))
+        if step % swap:
+            return int(torch.randint(0, blocks, (), generator=self.step_generator(step - step % swap)))
+        return drawn
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up then cosine decay to 0. The sequential schedule trains one block
@@ -186,6 +211,8 @@ class Trainer:
         batch = self.task.train_batch(step, config.batch_size, config.seed, generator)
         # Batches are always full, so a block's memory is the same at every step: measure
         # its first step only and keep the hooks off the hot path afterwards.
+        if self.offload is not None:
+            self.offload.activate(block)
         measured = self.counters["activation_bytes_by_block"]
         measure = str(block) not in measured
         saved = SavedActivations(self.model.parameters()) if measure else contextlib.nullcontext()
@@ -207,6 +234,8 @@ class Trainer:
                 for group in self.optimizers[key].param_groups:
                     group["lr"] = lr
                 self.optimizers[key].step()
+            if self.offload is not None:
+                self.offload.after_step(block)
         else:
             self.skip_nonfinite(step, block, levels)
             record["skipped"] = True
@@ -241,6 +270,8 @@ class Trainer:
         state = {"step": self.step, "counters": self.counters, "torch_rng": torch.get_rng_state(),
                  "optimizers": {key: opt.state_dict() for key, opt in self.optimizers.items()}}
         checkpoint.save(self.out_dir, self.model.state_dict(), state, to_dict(self.config))
+        if self.offload is not None:
+            self.offload.release()  # saving read every block back in
 
     def resume(self):
         """Continue from the newest intact checkpoint; refuse one whose model differs."""
@@ -251,6 +282,8 @@ class Trainer:
             opt.load_state_dict(saved.state["optimizers"][key])
         torch.set_rng_state(saved.state["torch_rng"])
         self.step, self.counters = saved.state["step"], saved.state["counters"]
+        if self.offload is not None:
+            self.offload.adopt_all()
 
     def run(self, resume: bool = False, stop_after: int | None = None) -> dict | None:
         """Trains to the end (or until `stop_after` steps, then checkpoints and returns None,

@@ -1,0 +1,65 @@
+"""Offloading inactive blocks to memory-mapped files changes where the data live, never
+the result; steps_per_swap groups a block's steps; activation checkpointing keeps
+results and cuts saved activations."""
+
+import pytest
+import torch
+
+from diffusionblocks import config as C
+from diffusionblocks.train import Trainer
+
+
+def tiny(**changes) -> C.TrainConfig:
+    config = C.preset("vit-digits-tiny")
+    config.progress = False
+    config.model.layers = 4
+    for name, value in changes.items():
+        setattr(config, name, value)
+    return config
+
+
+def weights(trainer):
+    return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+
+
+@pytest.mark.parametrize("schedule", ["random", "round-robin"])
+def test_disk_offload_trains_bit_identically_and_resumes(tmp_path, schedule):
+    plain = Trainer(tiny(block_schedule=schedule), tmp_path / "plain")
+    expected_report = plain.run()
+    offloaded = Trainer(tiny(block_schedule=schedule, offload="disk"), tmp_path / "disk")
+    assert offloaded.run(stop_after=7) is None
+    resumed = Trainer(tiny(block_schedule=schedule, offload="disk"), tmp_path / "disk")
+    report = resumed.run(resume=True)
+    expected = weights(plain)
+    assert all(torch.equal(p, expected[n]) for n, p in resumed.model.named_parameters())
+    assert report["metrics"] == expected_report["metrics"]
+    # Every block's parameters and moments are views of its own file.
+    for block, file in enumerate(resumed.offload.files):
+        assert file.params and all(p.untyped_storage().data_ptr() == file.bytes.data_ptr() for p in file.params)
+        state = resumed.optimizers[f"block{block}"].state
+        assert all(state[p]["exp_avg"].untyped_storage().data_ptr() == file.bytes.data_ptr() for p in file.params)
+
+
+def test_steps_per_swap_keeps_a_block_for_k_steps(tmp_path):
+    trainer = Trainer(tiny(steps_per_swap=4, e2e_steps=20), tmp_path)
+    blocks = [trainer.choose_block(s, trainer.step_generator(s)) for s in range(40)]
+    segments = [blocks[i:i + 4] for i in range(0, 40, 4)]
+    assert all(len(set(segment)) == 1 for segment in segments)
+    assert len({segment[0] for segment in segments}) == 2  # both blocks get segments
+    ones = Trainer(tiny(e2e_steps=20), tmp_path / "k1")
+    assert [ones.choose_block(s, ones.step_generator(s)) for s in range(0, 40, 4)] == \
+        [segment[0] for segment in segments]
+
+
+def test_activation_checkpointing_gives_the_same_step_with_fewer_saved_bytes(tmp_path):
+    reports = {flag: Trainer(tiny(mode="e2e", e2e_steps=3, activation_checkpointing=flag), tmp_path / str(flag)).run()
+               for flag in (False, True)}
+    assert reports[True]["metrics"] == reports[False]["metrics"]
+    assert reports[True]["layer_evals"] == reports[False]["layer_evals"]
+    saved = {flag: r["memory"]["activation_bytes_per_step"] for flag, r in reports.items()}
+    assert saved[True] < 0.6 * saved[False]
+
+
+def test_offload_cpu_is_refused_on_a_cpu_trainer():
+    with pytest.raises(C.ConfigError, match="^offload: cpu moves inactive blocks from a GPU"):
+        C.validate(tiny(offload="cpu"))
