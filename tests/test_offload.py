@@ -63,3 +63,16 @@ def test_activation_checkpointing_gives_the_same_step_with_fewer_saved_bytes(tmp
 def test_offload_cpu_is_refused_on_a_cpu_trainer():
     with pytest.raises(C.ConfigError, match="^offload: cpu moves inactive blocks from a GPU"):
         C.validate(tiny(offload="cpu"))
+
+
+def test_memory_bench_worker_measures_a_block_step_with_offload():
+    from diffusionblocks import bench_memory
+
+    spec = {"name": "blocks B=2 + offload", "preset": "vit-digits-tiny", "steps_per_block": 1, "threads": 1,
+            "overrides": ["model.layers=4", "blocks=2", "offload=disk"]}
+    result = bench_memory.worker(spec)
+    assert result["blocks"] == 2 and result["peak_bytes"] >= 0 and result["step_s"] > 0
+    assert result["param_bytes"] < result["param_bytes_total"]
+    assert result["activation_bytes"] > 0 and result["grad_bytes"] > 0 and result["optimizer_bytes"] > 0
+    names = [name for name, _ in bench_memory.configurations(12, 256, 8, 256, [1, 2, 3, 4, 6], 4)]
+    assert names[:2] == ["end-to-end", "end-to-end + checkpointing"] and "blocks B=4 + offload" in names

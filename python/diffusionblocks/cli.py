@@ -40,6 +40,9 @@ def parser() -> argparse.ArgumentParser:
     sample.add_argument("--tokens", type=int, help="text tasks: tokens to generate")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--out", help="output file (default: in the run directory)")
+    bench = commands.add_parser("bench", help="measure: `bench memory` (see bench memory --help)")
+    bench.add_argument("what", choices=["memory"])
+    bench.add_argument("options", nargs=argparse.REMAINDER)
     return top
 
 
@@ -149,7 +152,13 @@ def sample(args) -> int:
     return 0
 
 
-COMMANDS = {"train": train, "eval": evaluate, "sample": sample}
+def bench(args) -> int:
+    from . import bench_memory
+
+    return bench_memory.main(args.options)
+
+
+COMMANDS = {"train": train, "eval": evaluate, "sample": sample, "bench": bench}
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,184 @@
+"""`diffusionblocks bench memory`: what one training step holds in memory, measured, for
+end-to-end, end-to-end with activation checkpointing, block-wise, block-wise with disk
+offload (and block-wise with checkpointing), at several B.
+
+Each configuration runs in a fresh subprocess, so the process peak is its own:
+ru_maxrss after the steps minus ru_maxrss once torch, the package, the data and one step
+of the preset's tiny version have run (on the CPU; this trainer does not train on a GPU
+yet). The breakdown comes from the trainer's
+own counters: parameters and optimizer state that are resident (with offload, the
+shared modules and one block), gradients of one step, and activations = bytes saved for
+backward (saved_tensors_hooks). Step time is the median over the measured steps.
+
+    diffusionblocks bench memory --out results/memory        # L=12, width 256, B in 1,2,3,4,6
+"""
+
+import argparse
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def worker(spec: dict) -> dict:
+    """One configuration in this (fresh) process; returns its measurements."""
+    import torch
+
+    from . import config as C
+    from .memory import optimizer_state_bytes, tensor_bytes
+    from .train import Trainer
+
+    # The baseline: torch, the data and the runtime's lazily built pools (threads, kernels'
+    # scratch) in place, from one step of the preset's tiny version; then the real run.
+    tiny = spec["preset"] + "-tiny"
+    if tiny in C.PRESETS:
+        warm = C.preset(tiny)
+        warm.progress, warm.threads = False, spec["threads"]
+        with tempfile.TemporaryDirectory() as out:
+            Trainer(warm, out).block_step(0, 0, torch.Generator().manual_seed(0))
+        gc.collect()
+    baseline = _peak_rss_bytes()
+    config = C.override(C.preset(spec["preset"]), spec["overrides"])
+    config.progress, config.threads = False, spec["threads"]
+    with tempfile.TemporaryDirectory() as out:
+        trainer = Trainer(config, out)
+        blocks = trainer.plan.num_blocks
+        times = []
+        for step in range(spec["steps_per_block"] * blocks):
+            block = step % blocks  # every block in turn: the peak of the largest one counts
+            started = time.perf_counter()
+            trainer.block_step(block, step, trainer.step_generator(step))
+            times.append(time.perf_counter() - started)
+        peak = _peak_rss_bytes() - baseline
+        params = list(trainer.model.parameters())
+        resident = params
+        optimizers = list(trainer.optimizers.values())
+        if trainer.offload is not None:  # shared modules + the largest block stay in memory
+            largest = max(range(blocks), key=lambda b: tensor_bytes(trainer.offload.files[b].params))
+            offloaded = {id(p) for file in trainer.offload.files for p in file.params}
+            resident = [p for p in params if id(p) not in offloaded] + trainer.offload.files[largest].params
+            optimizers = [trainer.optimizers["shared"], trainer.optimizers[f"block{largest}"]]
+        counters = trainer.counters
+        measured = times[blocks:] or times  # the first round allocates; time the rest
+        return {
+            "name": spec["name"], "blocks": blocks, "overrides": spec["overrides"],
+            "param_bytes": tensor_bytes(resident),
+            "param_bytes_total": tensor_bytes(params),
+            "grad_bytes": counters["grad_bytes"],
+            "optimizer_bytes": sum(optimizer_state_bytes(opt) for opt in optimizers),
+            "activation_bytes": max(counters["activation_bytes_by_block"].values()),
+            "peak_bytes": peak,
+            "step_s": statistics.median(measured),
+            "samples_per_s": config.batch_size / statistics.median(measured),
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+        }
+
+
+def configurations(layers: int, width: int, heads: int, batch: int, blocks: list[int],
+                   combined: int) -> list[tuple[str, list]]:
+    model = [f"model.layers={layers}", f"model.width={width}", f"model.heads={heads}", f"batch_size={batch}"]
+    runs = [("end-to-end", model + ["mode=e2e"]),
+            ("end-to-end + checkpointing", model + ["mode=e2e", "activation_checkpointing=true"])]
+    for b in blocks:
+        runs.append((f"blocks B={b}", model + [f"blocks={b}"]))
+        runs.append((f"blocks B={b} + offload", model + [f"blocks={b}", "offload=disk"]))
+    runs.append((f"blocks B={combined} + offload + checkpointing",
+                 model + [f"blocks={combined}", "offload=disk", "activation_checkpointing=true"]))
+    return runs
+
+
+def run_subprocess(spec: dict) -> dict:
+    done = subprocess.run([sys.executable, "-m", "diffusionblocks.bench_memory", "--worker", json.dumps(spec)],
+                          capture_output=True, text=True, env=dict(os.environ))
+    if done.returncode != 0:
+        raise RuntimeError(f"{spec['name']}: worker failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def table(results: list[dict]) -> str:
+    mib = lambda n: f"{n / 2**20:.1f}"
+    e2e = results[0]
+    lines = ["| configuration | params MiB | grads MiB | optimizer MiB | activations MiB | process peak MiB "
+             "| peak ÷ | activations ÷ | step s | samples/s |", "|---" * 10 + "|"]
+    for r in results:
+        lines.append(f"| {r['name']} | {mib(r['param_bytes'])} | {mib(r['grad_bytes'])} | {mib(r['optimizer_bytes'])} "
+                     f"| {mib(r['activation_bytes'])} | {mib(r['peak_bytes'])} "
+                     f"| {e2e['peak_bytes'] / r['peak_bytes']:.2f}x | {e2e['activation_bytes'] / r['activation_bytes']:.2f}x "
+                     f"| {r['step_s']:.3f} | {r['samples_per_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    parts = [("param_bytes", "parameters"), ("grad_bytes", "gradients"), ("optimizer_bytes", "optimizer state"),
+             ("activation_bytes", "activations")]
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    names = [r["name"] for r in results]
+    bottom = [0.0] * len(results)
+    for key, label in parts:
+        values = [r[key] / 2**20 for r in results]
+        ax.bar(names, values, bottom=bottom, label=label)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    ax.scatter(names, [r["peak_bytes"] / 2**20 for r in results], color="black", marker="_", s=400,
+               label="process peak (RSS)", zorder=3)
+    ax.set_ylabel("MiB")
+    ax.tick_params(axis="x", labelrotation=60, labelsize=8)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="diffusionblocks bench memory", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--preset", default="vit-digits")
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--blocks", default="1,2,3,4,6", help="comma-separated B's")
+    parser.add_argument("--combine", type=int, default=4, help="the B of block-wise + offload + checkpointing")
+    parser.add_argument("--steps-per-block", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0, help="0: torch's default")
+    parser.add_argument("--out", default="results/memory")
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+    results = []
+    for name, overrides in configurations(args.layers, args.width, args.heads, args.batch,
+                                          [int(b) for b in args.blocks.split(",")], args.combine):
+        spec = {"name": name, "preset": args.preset, "overrides": overrides,
+                "steps_per_block": args.steps_per_block, "threads": args.threads}
+        results.append(run_subprocess(spec))
+        print(f"{name}: peak {results[-1]['peak_bytes'] / 2**20:.0f} MiB", file=sys.stderr)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    machine = {"machine": platform.machine(), "processor": platform.processor(), "cpus": os.cpu_count(),
+               "python": platform.python_version()}
+    (out / "memory.json").write_text(json.dumps({"machine": machine, "args": vars(args), "results": results},
+                                                indent=2) + "\n")
+    plot(results, out / "memory.png")
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
