@@ -76,3 +76,33 @@ def test_memory_bench_worker_measures_a_block_step_with_offload():
     assert result["activation_bytes"] > 0 and result["grad_bytes"] > 0 and result["optimizer_bytes"] > 0
     names = [name for name, _ in bench_memory.configurations(12, 256, 8, 256, [1, 2, 3, 4, 6], 4)]
     assert names[:2] == ["end-to-end", "end-to-end + checkpointing"] and "blocks B=4 + offload" in names
+
+
+def test_per_block_shared_copies_train_and_run_only_with_their_block(tmp_path):
+    trainer = Trainer(tiny(shared="per-block", e2e_steps=4), tmp_path)
+    copies = trainer.shared_copies.copies
+    initial = [{n: t.clone() for n, t in copy.items()} for copy in copies]
+    blocks = [trainer.train_step(step)["block"] for step in range(8)]
+    trained = set(blocks)
+    for block, copy in enumerate(copies):
+        changed = any(not torch.equal(t, initial[block][n]) for n, t in copy.items())
+        assert changed == (block in trained)
+    # Whenever a block's layers run (here: inference), its own copy is in the model.
+    seen = []
+    for block in range(trainer.plan.num_blocks):
+        for i in trainer.plan.layer_range(block):
+            trainer.model.layers[i].register_forward_pre_hook(
+                lambda m, a, block=block: seen.append((block, trainer.model.head.weight.data_ptr())))
+    trainer.evaluate()
+    assert seen and all(ptr == copies[block]["head.weight"].data_ptr() for block, ptr in seen)
+
+
+def test_per_block_shared_copies_resume_bit_identically(tmp_path):
+    whole = Trainer(tiny(shared="per-block"), tmp_path / "whole")
+    whole.run()
+    assert Trainer(tiny(shared="per-block"), tmp_path / "parts").run(stop_after=9) is None
+    parts = Trainer(tiny(shared="per-block"), tmp_path / "parts")
+    parts.run(resume=True)
+    for a, b in zip(whole.shared_copies.copies, parts.shared_copies.copies):
+        assert all(torch.equal(a[n], b[n]) for n in a)
+    assert all(torch.equal(p, q) for p, q in zip(whole.model.layers.parameters(), parts.model.layers.parameters()))

@@ -15,6 +15,7 @@ from .vit import ViTConfig
 MODES = ("blocks", "e2e")
 BLOCK_SCHEDULES = ("random", "round-robin", "sequential")
 OFFLOADS = ("none", "disk")
+SHARED = ("global", "per-block")
 __all__ = ["ConfigError", "TrainConfig", "PRESETS", "preset", "override", "validate", "to_dict", "from_dict"]
 
 
@@ -30,6 +31,7 @@ class TrainConfig:
     gamma: float = 0.05                  # overlap of neighbouring σ ranges
     block_schedule: str = "random"       # "random", "round-robin" or "sequential"
     steps_per_swap: int = 1              # the block changes at most every K steps (amortises offload)
+    shared: str = "global"               # shared modules: one set ("global") or a copy per block ("per-block")
     offload: str = "none"                # inactive blocks' weights + optimizer state: "none" or "disk"
     activation_checkpointing: bool = False  # recompute each layer in backward (torch.utils.checkpoint)
     e2e_steps: int = 1200                # end-to-end steps; block-wise runs B× as many (same layer evals)
@@ -125,6 +127,7 @@ def validate(config: TrainConfig) -> TrainConfig:
     need(config.block_schedule in BLOCK_SCHEDULES,
          f"block_schedule: expected one of {', '.join(BLOCK_SCHEDULES)}, got {config.block_schedule!r}")
     need(config.steps_per_swap >= 1, f"steps_per_swap: expected at least 1, got {config.steps_per_swap}")
+    need(config.shared in SHARED, f"shared: expected one of {', '.join(SHARED)}, got {config.shared!r}")
     need(config.offload != "cpu", "offload: cpu moves inactive blocks from a GPU to host memory, and this "
          "trainer trains on the CPU; use offload=disk (memory-mapped files)")
     need(config.offload in OFFLOADS, f"offload: expected one of {', '.join(OFFLOADS)}, got {config.offload!r}")

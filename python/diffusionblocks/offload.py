@@ -82,17 +82,13 @@ class DiskOffload:
         self.optimizers = optimizers
         self.files = []
         for block in range(plan.num_blocks):
-            params = [p for i in plan.layers(block) for p in model.layers[i].parameters()]
+            params = [p for i in plan.layer_range(block) for p in model.layers[i].parameters()]
             self.files.append(_BlockFile(folder / f"block{block}.bin", params))
         with contextlib.suppress(OSError):
             folder.rmdir()  # empty: the files live on, unnamed, while mapped
         self.active = None
         self.adopt_all()
-        # Inference runs blocks through the layers' own calls: bring a block in on first use.
-        for block in range(plan.num_blocks):
-            for i in plan.layers(block):
-                model.layers[i].register_forward_pre_hook(lambda module, args, block=block: self.activate(block))
-
+        plan.listeners.append(self.activate)  # training and inference alike
     def activate(self, block: int) -> None:
         if block != self.active:
             self.release()

@@ -56,8 +56,22 @@ class BlockPartition:
         starts = [sum(self.split[:b]) for b in range(num_blocks)]
         self._layers = [range(s, s + n) for s, n in zip(starts, self.split)]
         self.boundaries = schedule.PARTITIONS[partition](num_blocks)  # ascending, float64
+        self.listeners = []  # called with the block about to run (offload, per-block shared copies)
+
+    def enter(self, block: int) -> None:
+        """`block` is about to run: listeners bring its state in (its weights from disk,
+        its copy of the shared modules). The trainer calls this before a block's training
+        step, since a task may touch shared modules before it asks for the layers."""
+        for listener in self.listeners:
+            listener(block)
 
     def layers(self, block: int) -> range:
+        """The layers of `block`, about to run (samplers ask here first, so this enters it)."""
+        self.enter(block)
+        return self._layers[block]
+
+    def layer_range(self, block: int) -> range:
+        """The layers of `block`, for bookkeeping (tells no listener)."""
         return self._layers[block]
 
     def sigma_range(self, block: int) -> tuple[float, float]:

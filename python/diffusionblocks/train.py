@@ -31,6 +31,7 @@ from .errors import ConfigError
 from .logs import MetricsLog, plot_loss_by_block
 from .memory import SavedActivations, optimizer_state_bytes, tensor_bytes
 from .offload import DiskOffload
+from .shared import SharedCopies
 from .tasks import TASKS
 
 OFFLOAD_DIR = "offload"  # in the run directory: the blocks' memory-mapped files
@@ -46,20 +47,26 @@ def build_optimizer(named_params: list[tuple[str, torch.nn.Parameter]], config: 
     return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.999))
 
 
+def shared_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """Everything outside the residual layers: embeddings, σ-embedder, head."""
+    in_layers = {id(p) for p in model.layers.parameters()}
+    return [(name, p) for name, p in model.named_parameters() if id(p) not in in_layers]
+
+
 def block_optimizers(model: torch.nn.Module, plan, config: TrainConfig,
                      no_decay_names: set[str]) -> dict[str, torch.optim.AdamW]:
-    """One optimizer per block (its layers) and one for the shared modules (everything
-    else), so a block's optimizer state can live wherever its weights live. AdamW keeps
-    per-parameter state, so this steps exactly as one optimizer over all parameters would."""
-    owner = {}
+    """One optimizer per block (its layers) and one for the shared modules ("shared", or
+    "shared<b>" per block when each block has its own copy of them), so a block's optimizer
+    state can live wherever its weights live. AdamW keeps per-parameter state, so this
+    steps exactly as one optimizer over all parameters would."""
+    optimizers = {}
     for block in range(plan.num_blocks):
-        for index in plan.layers(block):
-            for name, _ in model.layers[index].named_parameters():
-                owner[f"layers.{index}.{name}"] = f"block{block}"
-    named = {"shared": []} | {f"block{b}": [] for b in range(plan.num_blocks)}
-    for name, p in model.named_parameters():
-        named[owner.get(name, "shared")].append((name, p))
-    return {key: build_optimizer(params, config, no_decay_names) for key, params in named.items()}
+        named = [(f"layers.{i}.{n}", p) for i in plan.layer_range(block) for n, p in model.layers[i].named_parameters()]
+        optimizers[f"block{block}"] = build_optimizer(named, config, no_decay_names)
+    keys = [f"shared{b}" for b in range(plan.num_blocks)] if config.shared == "per-block" else ["shared"]
+    for key in keys:
+        optimizers[key] = build_optimizer(shared_parameters(model), config, no_decay_names)
+    return optimizers
 
 
 def _flatten(values: dict, prefix: str = "") -> dict:
@@ -75,7 +82,7 @@ def _flatten(values: dict, prefix: str = "") -> dict:
 def refuse_structure_change(saved: checkpoint.Checkpoint, config: TrainConfig, model: torch.nn.Module):
     """A checkpoint restores only into the model and the blocks it was trained as."""
     before, now = _flatten(saved.config), _flatten(to_dict(config))
-    structural = [k for k in ("task", "mode", "blocks", "split") if before.get(k) != now.get(k)]
+    structural = [k for k in ("task", "mode", "blocks", "split", "shared") if before.get(k) != now.get(k)]
     shapes = {name: tuple(t.shape) for name, t in saved.weights.items()}
     if shapes != {name: tuple(t.shape) for name, t in model.state_dict().items()}:
         structural += [k for k in now if k.startswith("model.") and before.get(k) != now.get(k)] or ["model"]
@@ -133,6 +140,11 @@ class Trainer:
         self.model = self.task.model
         self.plan = config.partition_plan()
         self.optimizers = block_optimizers(self.model, self.plan, config, self.task.no_weight_decay())
+        self.shared_key = "shared"
+        self.shared_copies = None
+        if config.shared == "per-block":
+            self.shared_copies = SharedCopies(shared_parameters(self.model), self.plan.num_blocks)
+            self.plan.listeners.append(self.shared_copies.activate)
         self.offload = None
         if config.offload == "disk" and config.mode == "blocks":
             folder = (self.out_dir or Path(tempfile.mkdtemp(prefix="diffusionblocks-"))) / OFFLOAD_DIR
@@ -209,10 +221,9 @@ class Trainer:
         """One optimizer step that runs and updates only `block` (and the shared modules)."""
         config = self.config
         batch = self.task.train_batch(step, config.batch_size, config.seed, generator)
+        self.plan.enter(block)
         # Batches are always full, so a block's memory is the same at every step: measure
         # its first step only and keep the hooks off the hot path afterwards.
-        if self.offload is not None:
-            self.offload.activate(block)
         measured = self.counters["activation_bytes_by_block"]
         measure = str(block) not in measured
         saved = SavedActivations(self.model.parameters()) if measure else contextlib.nullcontext()
@@ -230,7 +241,7 @@ class Trainer:
         record = {"step": step + 1, "block": block, "lr": lr, "loss": loss.item(), "grad_norm": grad_norm.item()}
         if torch.isfinite(grad_norm):  # a finite loss can still give an overflowing gradient
             self.counters["consecutive_nonfinite"] = 0
-            for key in ("shared", f"block{block}"):
+            for key in (self.shared_optimizer(block), f"block{block}"):
                 for group in self.optimizers[key].param_groups:
                     group["lr"] = lr
                 self.optimizers[key].step()
@@ -246,6 +257,9 @@ class Trainer:
             record.update({f"{name}_min": levels.min().item(), f"{name}_median": levels.median().item(),
                            f"{name}_max": levels.max().item()})
         return record
+
+    def shared_optimizer(self, block: int) -> str:
+        return f"shared{block}" if self.shared_copies is not None else "shared"
 
     def skip_nonfinite(self, step: int, block: int, levels: torch.Tensor | None):
         """A non-finite loss or gradient: no update; too many in a row end the run."""
@@ -269,6 +283,8 @@ class Trainer:
     def save(self):
         state = {"step": self.step, "counters": self.counters, "torch_rng": torch.get_rng_state(),
                  "optimizers": {key: opt.state_dict() for key, opt in self.optimizers.items()}}
+        if self.shared_copies is not None:
+            state["shared_copies"] = self.shared_copies.state_dict()
         checkpoint.save(self.out_dir, self.model.state_dict(), state, to_dict(self.config))
         if self.offload is not None:
             self.offload.release()  # saving read every block back in
@@ -281,6 +297,8 @@ class Trainer:
         for key, opt in self.optimizers.items():
             opt.load_state_dict(saved.state["optimizers"][key])
         torch.set_rng_state(saved.state["torch_rng"])
+        if self.shared_copies is not None:
+            self.shared_copies.load_state_dict(saved.state["shared_copies"])
         self.step, self.counters = saved.state["step"], saved.state["counters"]
         if self.offload is not None:
             self.offload.adopt_all()
