@@ -23,6 +23,8 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--gamma", type=float, help="overlap of neighbouring noise ranges")
     train.add_argument("--partition", choices=["equi", "uniform"], help="how the σ axis is cut")
     train.add_argument("--seed", type=int)
+    train.add_argument("--parallel", choices=["none", "blocks"],
+                       help="blocks: one process per block group, launched with torchrun")
     train.add_argument("--out", help="run directory (default: runs/<preset>-<mode>-B<B>-seed<seed>)")
     train.add_argument("--set", action="append", nargs="+", default=[], metavar="KEY=VALUE",
                        help="override any config field, e.g. --set e2e_steps=500 model.width=32")
@@ -48,7 +50,7 @@ def parser() -> argparse.ArgumentParser:
 
 def config_from_args(args) -> TrainConfig:
     config = preset(args.preset or DEFAULT_PRESET)
-    for name in ("mode", "blocks", "gamma", "partition", "seed"):
+    for name in ("mode", "blocks", "gamma", "partition", "seed", "parallel"):
         if getattr(args, name) is not None:
             setattr(config, name, getattr(args, name))
     return validate(override(config, [item for group in args.set for item in group]))
@@ -76,7 +78,7 @@ def train(args) -> int:
     from .train import Interrupted, Trainer, TrainingError
 
     if args.resume:
-        given = [name for name in ("preset", "mode", "blocks", "gamma", "partition", "seed", "out")
+        given = [name for name in ("preset", "mode", "blocks", "gamma", "partition", "seed", "out", "parallel")
                  if getattr(args, name) is not None]
         if given:
             raise ConfigError(f"resume: the run's config comes from its config.json (change fields with "
@@ -102,6 +104,8 @@ def train(args) -> int:
     except TrainingError as error:
         print(f"diffusionblocks: error: {error}; the last checkpoint is in {out}", file=sys.stderr)
         return 1
+    if report is None:  # a block-parallel rank other than 0: rank 0 reports
+        return 0
     metrics = " · ".join(f"{name} {value:.4g}" for name, value in report["metrics"].items()
                          if isinstance(value, float))
     print(f"{metrics} · {report['layer_evals']} layer evals · {report['wall_s']:.1f} s · "
@@ -116,6 +120,7 @@ def trained(run_dir: Path):
     config = load_run_config(run_dir)
     if not checkpoint.exists(run_dir):
         raise ConfigError(f"dir: {run_dir} has no checkpoint")
+    config.parallel = "none"  # a block-parallel run's checkpoint holds every block: one process serves it
     trainer = Trainer(config, run_dir)
     trainer.resume()
     return trainer

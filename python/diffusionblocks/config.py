@@ -31,6 +31,8 @@ class TrainConfig:
     gamma: float = 0.05                  # overlap of neighbouring σ ranges
     block_schedule: str = "random"       # "random", "round-robin" or "sequential"
     steps_per_swap: int = 1              # the block changes at most every K steps (amortises offload)
+    parallel: str = "none"               # "blocks": block-parallel over torch.distributed (parallel.py)
+    shared_sync_every: int = 0           # block-parallel, shared=global: average shared modules every K steps
     shared: str = "global"               # shared modules: one set ("global") or a copy per block ("per-block")
     offload: str = "none"                # inactive blocks' weights + optimizer state: "none" or "disk"
     activation_checkpointing: bool = False  # recompute each layer in backward (torch.utils.checkpoint)
@@ -127,6 +129,10 @@ def validate(config: TrainConfig) -> TrainConfig:
     need(config.block_schedule in BLOCK_SCHEDULES,
          f"block_schedule: expected one of {', '.join(BLOCK_SCHEDULES)}, got {config.block_schedule!r}")
     need(config.steps_per_swap >= 1, f"steps_per_swap: expected at least 1, got {config.steps_per_swap}")
+    need(config.parallel in ("none", "blocks"), f"parallel: expected none or blocks, got {config.parallel!r}")
+    need(config.parallel == "none" or config.mode == "blocks",
+         "parallel: block-parallel training needs mode=blocks (end to end there is one block)")
+    need(config.shared_sync_every >= 0, f"shared_sync_every: expected >= 0, got {config.shared_sync_every}")
     need(config.shared in SHARED, f"shared: expected one of {', '.join(SHARED)}, got {config.shared!r}")
     need(config.offload != "cpu", "offload: cpu moves inactive blocks from a GPU to host memory, and this "
          "trainer trains on the CPU; use offload=disk (memory-mapped files)")

@@ -31,10 +31,13 @@ from .errors import ConfigError
 from .logs import MetricsLog, plot_loss_by_block
 from .memory import SavedActivations, optimizer_state_bytes, tensor_bytes
 from .offload import DiskOffload
+from .parallel import BlockParallel
 from .shared import SharedCopies
 from .tasks import TASKS
 
 OFFLOAD_DIR = "offload"  # in the run directory: the blocks' memory-mapped files
+SUMMED_COUNTERS = ("train_layer_evals", "nonfinite_steps")  # block-parallel ranks' counts add up
+SIGNAL_POLL = 10  # block-parallel: steps between the ranks' agreement on a pending SIGINT/SIGTERM
 
 
 def build_optimizer(named_params: list[tuple[str, torch.nn.Parameter]], config: TrainConfig,
@@ -81,7 +84,7 @@ def _flatten(values: dict, prefix: str = "") -> dict:
 
 def refuse_structure_change(saved: checkpoint.Checkpoint, config: TrainConfig, model: torch.nn.Module):
     """A checkpoint restores only into the model and the blocks it was trained as."""
-    before, now = _flatten(saved.config), _flatten(to_dict(config))
+    before, now = _flatten(saved.config), _flatten(json.loads(json.dumps(to_dict(config))))  # as saved: tuples are lists
     structural = [k for k in ("task", "mode", "blocks", "split", "shared") if before.get(k) != now.get(k)]
     shapes = {name: tuple(t.shape) for name, t in saved.weights.items()}
     if shapes != {name: tuple(t.shape) for name, t in model.state_dict().items()}:
@@ -145,9 +148,13 @@ class Trainer:
         if config.shared == "per-block":
             self.shared_copies = SharedCopies(shared_parameters(self.model), self.plan.num_blocks)
             self.plan.listeners.append(self.shared_copies.activate)
+        self.parallel = BlockParallel(self.plan.num_blocks, config) if config.parallel == "blocks" else None
+        self.is_main = self.parallel is None or self.parallel.rank == 0  # writes logs, checkpoints, report
+        self._synced = dict.fromkeys(SUMMED_COUNTERS, 0)  # counters at the last gather (parallel.py)
         self.offload = None
         if config.offload == "disk" and config.mode == "blocks":
-            folder = (self.out_dir or Path(tempfile.mkdtemp(prefix="diffusionblocks-"))) / OFFLOAD_DIR
+            rank = "" if self.parallel is None else f"-rank{self.parallel.rank}"
+            folder = (self.out_dir or Path(tempfile.mkdtemp(prefix="diffusionblocks-"))) / (OFFLOAD_DIR + rank)
             self.offload = DiskOffload(self.model, self.plan, self.optimizers, folder)
         if config.activation_checkpointing:
             recompute_in_backward(self.model.layers)
@@ -212,15 +219,21 @@ class Trainer:
         loss, levels = self.task.block_loss(batch, block, self.plan, generator)
         return loss.mean(), levels
 
-    def train_step(self, step: int) -> dict:
-        """Step `step` of the run: its block, batch and noise all come from its own generator."""
+    def train_step(self, step: int) -> dict | None:
+        """Step `step` of the run: its block, batch and noise all come from its own generator.
+        None when block-parallel and another process owns the block."""
         generator = self.step_generator(step)
-        return self.block_step(self.choose_block(step, generator), step, generator)
+        block = self.choose_block(step, generator)
+        if self.parallel is not None and not self.parallel.owns(block):
+            return None
+        return self.block_step(block, step, generator)
 
     def block_step(self, block: int, step: int, generator: torch.Generator) -> dict:
         """One optimizer step that runs and updates only `block` (and the shared modules)."""
         config = self.config
         batch = self.task.train_batch(step, config.batch_size, config.seed, generator)
+        if self.parallel is not None:
+            batch, generator = self.parallel.shard(batch, generator)
         self.plan.enter(block)
         # Batches are always full, so a block's memory is the same at every step: measure
         # its first step only and keep the hooks off the hot path afterwards.
@@ -232,6 +245,8 @@ class Trainer:
         if torch.isfinite(loss):
             loss.backward()
         with_grad = [p for p in self.model.parameters() if p.grad is not None]
+        if self.parallel is not None:
+            self.parallel.average_gradients(block, with_grad)
         if measure and with_grad:
             measured[str(block)] = saved.bytes
             self.counters["grad_bytes"] = max(self.counters["grad_bytes"], tensor_bytes(p.grad for p in with_grad))
@@ -302,6 +317,25 @@ class Trainer:
         self.step, self.counters = saved.state["step"], saved.state["counters"]
         if self.offload is not None:
             self.offload.adopt_all()
+        self._synced = {key: self.counters[key] for key in SUMMED_COUNTERS}
+
+    # --- block-parallel bookkeeping (parallel.py) ---------------------------------------
+    def take_counter_increments(self) -> dict:
+        """This rank's counts since the last gather; they leave this rank (rank 0 adds them up)."""
+        increments = {key: self.counters[key] - self._synced[key] for key in SUMMED_COUNTERS}
+        self.counters.update(self._synced)
+        increments.update(activation_bytes_by_block=dict(self.counters["activation_bytes_by_block"]),
+                          grad_bytes=self.counters["grad_bytes"])
+        return increments
+
+    def merge_counters(self, parts: list[dict]) -> None:
+        """On rank 0: every rank's increments since the last gather, its own included."""
+        for key in SUMMED_COUNTERS:
+            self.counters[key] = self._synced[key] + sum(part[key] for part in parts)
+        for part in parts:
+            self.counters["activation_bytes_by_block"].update(part["activation_bytes_by_block"])
+            self.counters["grad_bytes"] = max(self.counters["grad_bytes"], part["grad_bytes"])
+        self._synced = {key: self.counters[key] for key in SUMMED_COUNTERS}
 
     def run(self, resume: bool = False, stop_after: int | None = None) -> dict | None:
         """Trains to the end (or until `stop_after` steps, then checkpoints and returns None,
@@ -310,41 +344,58 @@ class Trainer:
         out.mkdir(parents=True, exist_ok=True)
         if resume:
             self.resume()
-        # On resume too: fields a resume may change (e.g. steps) are the run's config from now on.
-        (out / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
-        log = MetricsLog(out / "metrics.jsonl", resume_step=self.step if resume else None)
+        log = None
+        if self.is_main:
+            # On resume too: fields a resume may change (e.g. steps) are the run's config from now on.
+            (out / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
+            log = MetricsLog(out / "metrics.jsonl", resume_step=self.step if resume else None)
         end = config.total_steps if stop_after is None else min(stop_after, config.total_steps)
-        bar = tqdm(total=config.total_steps, initial=self.step, disable=not config.progress,
+        bar = tqdm(total=config.total_steps, initial=self.step, disable=not (config.progress and self.is_main),
                    desc=f"{config.mode} B={self.plan.num_blocks}", dynamic_ncols=True)
         started = time.perf_counter()
         with stop_on_signals(self):
             return self._loop(log, bar, end, started)
 
-    def _loop(self, log: MetricsLog, bar, end: int, started: float) -> dict | None:
-        config = self.config
+    def _loop(self, log: MetricsLog | None, bar, end: int, started: float) -> dict | None:
+        config, parallel = self.config, self.parallel
+        records = []  # written at each checkpoint (block-parallel: gathered from every rank first)
         try:
             while self.step < end:
                 record = self.train_step(self.step)
                 self.step += 1
-                log.write(record)
                 bar.update(1)
-                if self.step % 10 == 0:
-                    bar.set_postfix(loss=f"{record['loss']:.3g}", block=record["block"])
-                if config.eval_every and self.step % config.eval_every == 0 and self.step < config.total_steps:
-                    log.write({"step": self.step, "eval": self.evaluate()})
+                if parallel is not None:
+                    parallel.maybe_sync_shared(self.step, [p for _, p in shared_parameters(self.model)])
+                    if self.step % SIGNAL_POLL == 0:
+                        self.stop_signal = parallel.agree_on_stop(self.stop_signal)
+                if record is not None:
+                    records.append(record)
+                    bar.set_postfix(loss=f"{record['loss']:.3g}", block=record["block"], refresh=False)
+                if config.eval_every and parallel is None and self.step % config.eval_every == 0 \
+                        and self.step < config.total_steps:
+                    records.append({"step": self.step, "eval": self.evaluate()})
                 if self.step % config.checkpoint_every == 0 or self.step == end or self.stop_signal:
+                    if parallel is not None:
+                        records = parallel.gather(self, records) or []
                     self.counters["wall_s"] += time.perf_counter() - started
                     started = time.perf_counter()
-                    self.save()
-                    log.flush()
+                    if self.is_main:
+                        for r in records:
+                            log.write(r)
+                        self.save()
+                        log.flush()
+                    records = []
+                    if parallel is not None:
+                        parallel.barrier()
                 if self.stop_signal:
                     raise Interrupted(self.stop_signal, self.step)
-            if self.step < config.total_steps:
+            if self.step < config.total_steps or not self.is_main:
                 return None
             return self.finish(log)
         finally:
             bar.close()
-            log.close()
+            if log is not None:
+                log.close()
 
     def finish(self, log: MetricsLog) -> dict:
         """Final evaluation, plot and report.json."""

@@ -1,0 +1,120 @@
+"""Block-parallel training on torch.distributed (issue 6): blocks never exchange
+gradients, so they can train on different processes with no communication at all.
+
+    torchrun --nproc-per-node P -m diffusionblocks train PRESET --parallel blocks --set shared=per-block
+
+Every rank walks the same sequence of steps (the block of each step comes from the step's
+own generator, train.py) and runs only the steps of the blocks it owns:
+- P <= B: rank r owns blocks {b : b mod P = r}.
+- P > B (P a multiple of B): the ranks {r : r mod B = b} are data-parallel replicas of
+  block b; each takes its share of the step's batch and their gradients are averaged
+  within the block's group (what DDP does, done directly on the gradients).
+Shared modules: with `shared=per-block` each block has its own copy and no rank ever
+talks to another while training (the result equals the serial per-block run bit for bit
+on CPU); with `shared=global` every rank trains its own copy of the one set and the
+copies are averaged across all ranks every `shared_sync_every` steps.
+At each checkpoint rank 0 gathers every block's weights, optimizer state, counters and
+log records into one ordinary checkpoint, which `--resume` (on every rank), `eval` and
+`sample` use like any other. gloo on CPU."""
+
+import torch
+import torch.distributed as dist
+
+from .errors import ConfigError
+
+
+class BlockParallel:
+    def __init__(self, num_blocks: int, config):
+        if config.shared == "global" and config.shared_sync_every < 1:
+            raise ConfigError("shared_sync_every: block-parallel training with shared=global needs the "
+                              "shared modules averaged every K >= 1 steps (or use shared=per-block)")
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        if self.world > num_blocks and self.world % num_blocks:
+            raise ConfigError(f"parallel: {self.world} processes cannot split evenly over B={num_blocks} "
+                              "blocks; use at most B processes or a multiple of B")
+        self.num_blocks, self.sync_every = num_blocks, config.shared_sync_every
+        self.shared_global = config.shared == "global"
+        self.replicas = max(1, self.world // num_blocks)
+        self.replica = self.rank // num_blocks if self.world > num_blocks else 0
+        # One process group per block: its replicas (every rank must create every group).
+        self.groups = [dist.new_group([r for r in range(self.world) if self.owner_rank(r, b)])
+                       for b in range(num_blocks)]
+
+    def owner_rank(self, rank: int, block: int) -> bool:
+        return (rank % self.num_blocks == block) if self.world > self.num_blocks else (block % self.world == rank)
+
+    def owns(self, block: int) -> bool:
+        return self.owner_rank(self.rank, block)
+
+    def leads(self, block: int) -> bool:
+        """The replica whose copy of the block goes into checkpoints."""
+        return self.owns(block) and self.replica == 0
+
+    def shard(self, batch, generator: torch.Generator):
+        """This replica's rows of every tensor in the batch, and a generator of its own for
+        the noise it draws next (replicas must not draw the same σ's and ε's)."""
+        if self.replicas == 1:
+            return batch, generator
+        take = lambda t: t[self.replica::self.replicas] if isinstance(t, torch.Tensor) else t
+        batch = tuple(take(t) for t in batch) if isinstance(batch, (tuple, list)) else take(batch)
+        seed = int(torch.randint(0, 2**62, (), generator=generator))
+        return batch, torch.Generator().manual_seed(seed + self.replica)
+
+    def average_gradients(self, block: int, params: list[torch.nn.Parameter]) -> None:
+        if self.replicas > 1:
+            for p in params:
+                dist.all_reduce(p.grad, group=self.groups[block])
+                p.grad /= self.replicas
+
+    def maybe_sync_shared(self, step: int, shared: list[torch.nn.Parameter]) -> None:
+        """Average the global shared modules over all ranks every K steps."""
+        if self.shared_global and step % self.sync_every == 0:
+            for p in shared:
+                dist.all_reduce(p.data)
+                p.data /= self.world
+
+    def gather(self, trainer, records: list[dict]) -> list[dict] | None:
+        """Rank 0 receives every rank's blocks, optimizer states, counter increments and log
+        records; returns the merged records on rank 0, None elsewhere."""
+        counters = trainer.take_counter_increments()
+        if self.replica:  # the leader speaks for its group: same steps, each call on a share of the batch
+            records, counters = [], {**counters, **dict.fromkeys(("train_layer_evals", "nonfinite_steps"), 0)}
+        mine = {"records": records, "blocks": {}, "optimizers": {}, "shared_copies": {}, "counters": counters}
+        for block in range(self.num_blocks):
+            if not self.leads(block):
+                continue
+            mine["blocks"][block] = {name: p.detach().clone() for i in trainer.plan.layer_range(block)
+                                     for name, p in trainer.model.layers[i].named_parameters(prefix=f"{i}")}
+            keys = [f"block{block}"] + ([] if trainer.shared_copies is None else [f"shared{block}"])
+            mine["optimizers"].update({key: trainer.optimizers[key].state_dict() for key in keys})
+            if trainer.shared_copies is not None:
+                mine["shared_copies"][block] = {n: t.clone() for n, t in trainer.shared_copies.copies[block].items()}
+        received = [None] * self.world if self.rank == 0 else None
+        dist.gather_object(mine, received, dst=0)
+        if self.rank != 0:
+            return None
+        merged = []
+        trainer.merge_counters([part["counters"] for part in received])
+        for part in received:
+            merged += part["records"]
+            layers = dict(trainer.model.layers.named_parameters())
+            for tensors in part["blocks"].values():
+                for name, value in tensors.items():
+                    layers[name].data.copy_(value)
+            for key, state in part["optimizers"].items():
+                trainer.optimizers[key].load_state_dict(state)
+            for block, copy in part["shared_copies"].items():
+                for name, value in copy.items():
+                    trainer.shared_copies.copies[block][name].copy_(value)
+        return sorted(merged, key=lambda r: r["step"])
+
+    def agree_on_stop(self, signum: int | None) -> int | None:
+        """A signal that reached any rank stops all of them at the same step."""
+        flag = torch.tensor([signum or 0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag) or None
+
+    def barrier(self) -> None:
+        dist.barrier()
