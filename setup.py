@@ -7,6 +7,8 @@ isolated build environment. Environment variables:
     DBX_SKIP_EXT=1     build nothing (the pure-PyTorch reference serves every op)
     DBX_FORCE_CPU=1    CPU kernels only, even with a CUDA torch and nvcc present
     DBX_PORTABLE=1     no -march flags: a binary for any x86-64 CPU
+    DBX_SANITIZE=1     CPU kernels with AddressSanitizer + UndefinedBehaviorSanitizer
+                       (scripts/sanitize.sh builds them into build/sanitize and runs the op tests)
     CUDA_HOME          defaults to /usr/local/cuda; TORCH_CUDA_ARCH_LIST defaults to 9.0
                        when no GPU is visible at build time
 """
@@ -49,7 +51,8 @@ def extensions():
     os.environ.setdefault("CUDA_HOME", "/usr/local/cuda")
     cpp_extension.CUDA_HOME = cpp_extension.CUDA_HOME or os.environ["CUDA_HOME"]
     nvcc = os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc")
-    with_cuda = (not _flag("DBX_FORCE_CPU") and torch.version.cuda is not None
+    sanitize = _flag("DBX_SANITIZE")
+    with_cuda = (not _flag("DBX_FORCE_CPU") and not sanitize and torch.version.cuda is not None
                  and (os.path.exists(nvcc) or shutil.which("nvcc") is not None))
     if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
@@ -59,13 +62,20 @@ def extensions():
     defines = [f'-DDBX_VERSION="{VERSION}"'] + (["-DDBX_WITH_CUDA"] if with_cuda else [])
     cxx = ["-O3", "-fopenmp", "-fvisibility=hidden"] + defines + _host_cpu_flags()
     nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"] + defines
+    link = ["-fopenmp"]
+    if sanitize:
+        # -O1 -g keeps the reports' stack traces readable; any undefined behaviour aborts
+        # (instead of printing and going on), so a finding fails the run.
+        checks = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer", "-g"]
+        cxx = [flag for flag in cxx if flag != "-O3"] + ["-O1"] + checks
+        link += checks
     kind = cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension
     ext = kind(
         name="diffusionblocks_ext._C",
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args={"cxx": cxx, "nvcc": nvcc_flags} if with_cuda else {"cxx": cxx},
-        extra_link_args=["-fopenmp"],
+        extra_link_args=link,
     )
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 

@@ -1,9 +1,12 @@
 #include "checks.h"
 
+#include <ATen/MemoryOverlap.h>
 #include <c10/util/Exception.h>
 
 #include <cmath>
 #include <sstream>
+
+#include "lognormal.h"
 
 namespace dbx::check {
 
@@ -65,15 +68,23 @@ void positive_number(const char* name, double value) {
                     value);
 }
 
+// The largest σ accepted (same as _checks.SIGMA_LIMIT): beyond 1.8e19 σ² overflows float32
+// and c_out = σ·σ_d/sqrt(σ² + σ_d²) becomes 0, which would give silently wrong results.
+constexpr double kSigmaLimit = 1e18;
+
 void values_positive(const char* name, const at::Tensor& s, bool allow_zero) {
   if (!s.device().is_cpu() || s.numel() == 0) return;
   // A plain loop: σ has one value per example, and ATen ops here would cost more than
   // the kernels they guard at training sizes.
   const at::Tensor values = s.to(c10::ScalarType::Double).contiguous();
   const double* v = values.const_data_ptr<double>();
-  bool ok = true;
-  for (int64_t i = 0; i < values.numel(); ++i) ok &= std::isfinite(v[i]) && (allow_zero ? v[i] >= 0 : v[i] > 0);
+  bool ok = true, bounded = true;
+  for (int64_t i = 0; i < values.numel(); ++i) {
+    ok &= std::isfinite(v[i]) && (allow_zero ? v[i] >= 0 : v[i] > 0);
+    bounded &= v[i] <= kSigmaLimit;
+  }
   TORCH_CHECK_VALUE(ok, name, ": expected every value ", allow_zero ? ">= 0" : "> 0", " and finite");
+  TORCH_CHECK_VALUE(bounded, name, ": expected every value <= 1e+18 (larger values overflow float32 arithmetic)");
 }
 
 void sigma(const char* name, const at::Tensor& s, const char* ref_name, const at::Tensor& ref,
@@ -84,11 +95,18 @@ void sigma(const char* name, const at::Tensor& s, const char* ref_name, const at
 
 void sample_sigma_args(const at::Tensor& out, double sigma_lo, double sigma_hi, double p_mean, double p_std) {
   floating("out", out);
+  // An expanded out has one memory location for several draws: the last write would win.
+  TORCH_CHECK_VALUE(at::has_internal_overlap(out) != at::MemOverlap::Yes,
+                    "out: expected a tensor whose elements do not share memory, got an expanded one");
   TORCH_CHECK_VALUE(std::isfinite(sigma_lo) && std::isfinite(sigma_hi) && 0 < sigma_lo && sigma_lo <= sigma_hi,
                     "sigma_lo, sigma_hi: expected 0 < sigma_lo <= sigma_hi, both finite, got sigma_lo=", sigma_lo,
                     ", sigma_hi=", sigma_hi);
   TORCH_CHECK_VALUE(std::isfinite(p_mean), "p_mean: expected a finite number, got ", p_mean);
   positive_number("p_std", p_std);
+  const LognormalRange range = lognormal_range(sigma_lo, sigma_hi, p_mean, p_std);
+  TORCH_CHECK_VALUE(range.p_lo != range.p_hi || sigma_lo == sigma_hi,  // σ < 1e-20 or so: no mass in float64
+                    "sigma_lo, sigma_hi: expected a range with probability > 0 under the log-normal, got sigma_lo=",
+                    sigma_lo, ", sigma_hi=", sigma_hi);
 }
 
 void add_noise_args(const at::Tensor& y, const at::Tensor& sigma, double sigma_data) {

@@ -1,8 +1,10 @@
 // The truncated log-normal σ sampler of SPEC §3, by inverse CDF:
-//   u ~ U(Φ(ℓ_lo), Φ(ℓ_hi)),  ℓ = (ln σ − P_mean)/P_std,  σ = exp(P_mean + P_std·Φ⁻¹(u)).
+//   u ~ U(Φ(ℓ_lo), Φ(ℓ_hi)),  ℓ = (ln σ − P_mean)/P_std,  σ = exp(P_mean + P_std·Φ⁻¹(u)),
+// computed from the tail the range lies in (LognormalRange below).
 // In float64 throughout: Φ(ℓ_hi) is 1 − 1.6e−6 at σ_max = 80.
 #pragma once
 #include <cmath>
+#include <limits>
 
 #include "macros.h"
 
@@ -20,6 +22,9 @@ DBX_HOST_DEVICE double horner8(const double* c, double x) {
 }
 
 DBX_HOST_DEVICE double normal_icdf(double p) {
+  // The ends map to ∓inf like torch.special.ndtri (the rational tails would give inf/inf = NaN).
+  if (p <= 0.0) return -std::numeric_limits<double>::infinity();
+  if (p >= 1.0) return std::numeric_limits<double>::infinity();
   // Coefficients in ascending powers, as published.
   const double a[8] = {3.3871328727963666080e0, 1.3314166789178437745e+2, 1.9715909503065514427e+3,
                        1.3731693765509461125e+4, 4.5921953931549871457e+4, 6.7265770927008700853e+4,
@@ -49,12 +54,26 @@ DBX_HOST_DEVICE double normal_icdf(double p) {
   return q < 0 ? -x : x;
 }
 
-// Maps a uniform u in (0, 1) to σ in [sigma_lo, sigma_hi]. cdf_lo/cdf_hi are Φ(ℓ) at the
-// range ends, computed once per call by the caller. The clamp absorbs the last ulp.
-DBX_HOST_DEVICE double truncated_lognormal(double u, double cdf_lo, double cdf_hi, double sigma_lo,
-                                           double sigma_hi, double p_mean, double p_std) {
-  const double sigma = std::exp(p_mean + p_std * normal_icdf(cdf_lo + u * (cdf_hi - cdf_lo)));
-  return sigma < sigma_lo ? sigma_lo : (sigma > sigma_hi ? sigma_hi : sigma);
+// A range [sigma_lo, sigma_hi] prepared for sampling, once per call (on the host).
+// p_lo/p_hi are Φ(s·ℓ) at the range ends with s = −1 for a range above the median
+// (ℓ_lo > 0): there Φ(−ℓ) = 1 − Φ(ℓ) keeps the digits that Φ(ℓ) loses as it rounds to 1
+// (from σ ≈ 1e5 on Φ(ℓ_lo) = Φ(ℓ_hi) = 1, and every draw would collapse onto sigma_hi).
+struct LognormalRange {
+  double p_lo, p_hi, s, sigma_lo, sigma_hi, p_mean, p_std;
+};
+
+DBX_HOST_DEVICE LognormalRange lognormal_range(double sigma_lo, double sigma_hi, double p_mean, double p_std) {
+  const double l_lo = (std::log(sigma_lo) - p_mean) / p_std, l_hi = (std::log(sigma_hi) - p_mean) / p_std;
+  const double s = l_lo > 0 ? -1.0 : 1.0;
+  return {normal_cdf(s * l_lo), normal_cdf(s * l_hi), s, sigma_lo, sigma_hi, p_mean, p_std};
+}
+
+// Maps a uniform u in (0, 1) to σ in [sigma_lo, sigma_hi]: ℓ = s·Φ⁻¹(p_lo + u·(p_hi − p_lo))
+// increases with u in both cases. The clamp absorbs the last ulp.
+DBX_HOST_DEVICE double truncated_lognormal(double u, const LognormalRange& r) {
+  const double l = r.s * normal_icdf(r.p_lo + u * (r.p_hi - r.p_lo));
+  const double sigma = std::exp(r.p_mean + r.p_std * l);
+  return sigma < r.sigma_lo ? r.sigma_lo : (sigma > r.sigma_hi ? r.sigma_hi : sigma);
 }
 
 }  // namespace dbx

@@ -59,7 +59,17 @@ def per_example(name: str, s: torch.Tensor, ref_name: str, ref: torch.Tensor) ->
 
 def no_grad_wrt(name: str, t: torch.Tensor) -> None:
     if t.requires_grad and torch.is_grad_enabled():
-        fail(f"{name}: gradients with respect to {name} are not supported; pass {name}.detach()")
+        refuse_gradient(name)
+
+
+def refuse_gradient(name: str) -> None:
+    fail(f"{name}: gradients with respect to {name} are not supported; pass {name}.detach()")
+
+
+def number(name: str, value) -> None:
+    """A Python int or float (not bool, not a tensor: the schemas take float)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        fail(f"{name}: expected a number, got {type(value).__name__}")
 
 
 def positive_number(name: str, value: float) -> None:
@@ -69,10 +79,21 @@ def positive_number(name: str, value: float) -> None:
         fail(f"{name}: expected a positive finite number, got {value:g}")
 
 
+# The largest σ the ops accept: σ² must stay finite in float32 arithmetic (beyond 1.8e19
+# c_out = σ·σ_d/sqrt(σ² + σ_d²) becomes 0 and results silently 0 or NaN). 1e18 is 16
+# orders past σ_max = 80, and one bound for every dtype keeps the message the same.
+SIGMA_LIMIT = 1e18
+
+
 def values_positive(name: str, s: torch.Tensor, allow_zero: bool = False) -> None:
-    """Data-dependent check (a device sync on CUDA); skipped while torch.compile traces."""
-    if torch.compiler.is_compiling() or s.numel() == 0:
+    """Data-dependent check (a device sync on CUDA); skipped while torch.compile traces and
+    for meta tensors, which have no values."""
+    if torch.compiler.is_compiling() or s.numel() == 0 or s.device.type == "meta":
         return
-    ok = (s >= 0) if allow_zero else (s > 0)
-    if not bool((ok & torch.isfinite(s)).all()):
+    ok = ((s >= 0) if allow_zero else (s > 0)) & torch.isfinite(s)  # NaN fails the comparison
+    # One sync when all is well. isfinite above is needed: in float16 the bound rounds to inf.
+    if bool((ok & (s <= SIGMA_LIMIT)).all()):
+        return
+    if not bool(ok.all()):
         fail(f"{name}: expected every value {'>= 0' if allow_zero else '> 0'} and finite")
+    fail(f"{name}: expected every value <= 1e+18 (larger values overflow float32 arithmetic)")

@@ -5,6 +5,7 @@ their fake (meta) implementations for torch.compile and their autograd formulas.
 
 import torch
 
+from . import _checks as check
 from . import _loader, _philox, reference
 from .reference import SIGMA_DATA, P_MEAN, P_STD, broadcast_rows, acc_dtype
 
@@ -114,55 +115,88 @@ def weighted_cross_entropy(logits, target, weight, *, ignore_index=-100):
     return loss
 
 
+def _refuse_gradients(ctx, names):
+    """The dispatcher ops have no gradient for σ or the loss weight: refuse one as the
+    public ops do, instead of leaving it silently None. `names`: input index -> name."""
+    for index, name in names.items():
+        if ctx.needs_input_grad[index]:
+            check.refuse_gradient(name)
+
+
+def _composite_grads(outputs, grads, inputs, needs):
+    """Input gradients of the reference formulas (`outputs` recomputed from `inputs`) with
+    a graph of their own: the backward for create_graph=True (double backward), since the
+    fused backward kernels have no derivative. grads: one per output, None when unused."""
+    used = [(o, g) for o, g in zip(outputs, grads) if g is not None]
+    wanted = [x for x, need in zip(inputs, needs) if need]
+    result = iter(torch.autograd.grad([o for o, _ in used], wanted, [g for _, g in used], create_graph=True,
+                                      allow_unused=True))
+    return [next(result) if need else None for need in needs]
+
+
 def _register():
-    """Fake implementations (shapes only, for torch.compile) and autograd formulas. The
-    backward of each linear op is its per-row coefficients times the incoming gradient,
-    with the coefficients from reference.py (the formulas stay in one place)."""
+    """Fake implementations (shapes only, for torch.compile and the meta device) and
+    autograd formulas. The fakes run the same argument checks as the kernels (values
+    excepted), so a bad call fails alike while tracing, on meta tensors and for mixed
+    devices (which dispatch to the fake). The backward of each linear op is its per-row
+    coefficients times the incoming gradient, with the coefficients from reference.py
+    (the formulas stay in one place)."""
     lib = "diffusionblocks::"
 
     @torch.library.register_fake(lib + "sample_sigma_")
     def _(out, sigma_lo, sigma_hi, seed, offset, p_mean, p_std):
+        check.floating("out", out)
         return None
 
     @torch.library.register_fake(lib + "add_noise")
     def _(y, sigma, seed, offset, sigma_data):
+        reference.check_add_noise(y, sigma, sigma_data, values=False)
         return torch.empty_like(y, memory_format=torch.contiguous_format), \
             torch.empty_like(y, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake(lib + "denoise")
     def _(F, z, sigma, sigma_data):
+        reference.check_denoise(F, z, sigma, sigma_data, values=False)
         return torch.empty_like(F, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake(lib + "euler_step")
     def _(z, F, sigma, sigma_next, sigma_data, denoised):
+        reference.check_euler_step(z, F, sigma, sigma_next, sigma_data, values=False)
         return torch.empty_like(z, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake(lib + "heun_step")
     def _(z, F, z_euler, F_euler, sigma, sigma_next, sigma_data, denoised):
+        reference.check_heun_step(z, F, z_euler, F_euler, sigma, sigma_next, sigma_data, values=False)
         return torch.empty_like(z, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake(lib + "edm_loss")
     def _(F, z, y, sigma, sigma_data):
+        reference.check_edm_loss(F, z, y, sigma, sigma_data, values=False)
         return F.new_empty((F.shape[0],), dtype=acc_dtype(F.dtype))
 
     @torch.library.register_fake(lib + "edm_loss_backward")
     def _(grad, F, z, y, sigma, sigma_data, need_z, need_y):
+        reference.check_edm_loss_backward(grad, F, z, y, sigma)
+
         def grad_like(needed):
             return torch.empty_like(F, memory_format=torch.contiguous_format) if needed else F.new_empty((0,))
         return grad_like(True), grad_like(need_z), grad_like(need_y)
 
     @torch.library.register_fake(lib + "weighted_cross_entropy")
     def _(logits, target, weight, ignore_index):
+        reference.check_weighted_cross_entropy(logits, target, weight, ignore_index, values=False)
         acc = acc_dtype(logits.dtype)
         return logits.new_empty((logits.shape[0],), dtype=acc), logits.new_empty(logits.shape[:-1], dtype=acc)
 
     @torch.library.register_fake(lib + "weighted_cross_entropy_backward")
     def _(grad, logits, target, weight, lse, ignore_index):
+        reference.check_cross_entropy_backward(grad, logits, target, weight, lse)
         return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
     # add_noise: z = y + σε, z_in = c_in·z  =>  dy = dz + c_in·dz_in
     def setup_add_noise(ctx, inputs, output):
         y, sigma, _, _, sigma_data = inputs
+        _refuse_gradients(ctx, {1: "sigma"})
         ctx.save_for_backward(sigma)
         ctx.sigma_data = sigma_data
         ctx.y_dtype = y.dtype
@@ -177,6 +211,7 @@ def _register():
 
     def setup_denoise(ctx, inputs, output):
         F, z, sigma, sigma_data = inputs
+        _refuse_gradients(ctx, {2: "sigma"})
         ctx.save_for_backward(sigma)
         ctx.sigma_data = sigma_data
         ctx.dtype = F.dtype
@@ -191,6 +226,8 @@ def _register():
 
     def setup_step(ctx, inputs, output):
         *_, sigma, sigma_next, sigma_data, denoised = inputs
+        first_sigma = len(inputs) - 4  # after the 2 (Euler) or 4 (Heun) state tensors
+        _refuse_gradients(ctx, {first_sigma: "sigma", first_sigma + 1: "sigma_next"})
         ctx.save_for_backward(sigma, sigma_next)
         ctx.sigma_data, ctx.denoised = sigma_data, denoised
 
@@ -212,27 +249,44 @@ def _register():
 
     def setup_edm_loss(ctx, inputs, output):
         F, z, y, sigma, sigma_data = inputs
+        _refuse_gradients(ctx, {3: "sigma"})
         ctx.save_for_backward(F, z, y, sigma)
         ctx.sigma_data = sigma_data
 
     def backward_edm_loss(ctx, grad):
         F, z, y, sigma = ctx.saved_tensors
-        need_z, need_y = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        needs = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():  # create_graph=True
+            loss = reference.edm_loss(F, z, y, sigma, sigma_data=ctx.sigma_data)
+            return (*_composite_grads([loss], [grad], (F, z, y), needs), None, None)
         grad_F, grad_z, grad_y = torch.ops.diffusionblocks.edm_loss_backward(
-            grad, F, z, y, sigma, ctx.sigma_data, need_z, need_y)
-        return grad_F, grad_z if need_z else None, grad_y if need_y else None, None, None
+            grad, F, z, y, sigma, ctx.sigma_data, needs[1], needs[2])
+        return grad_F, grad_z if needs[1] else None, grad_y if needs[2] else None, None, None
 
     torch.library.register_autograd(lib + "edm_loss", backward_edm_loss, setup_context=setup_edm_loss)
 
     def setup_cross_entropy(ctx, inputs, output):
         logits, target, weight, ignore_index = inputs
+        _refuse_gradients(ctx, {2: "weight"})
         ctx.save_for_backward(logits, target, weight, output[1])
         ctx.ignore_index = ignore_index
+        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None
 
+    # Two differentiable outputs: the loss and lse = logsumexp(logits) per position (the
+    # dispatcher op returns it for the backward; d lse/d logits = softmax(logits)).
     def backward_cross_entropy(ctx, grad, grad_lse):
         logits, target, weight, lse = ctx.saved_tensors
-        grad_logits = torch.ops.diffusionblocks.weighted_cross_entropy_backward(
-            grad, logits, target, weight, lse, ctx.ignore_index)
+        if torch.is_grad_enabled():  # create_graph=True
+            outputs = (reference.weighted_cross_entropy(logits, target, weight, ignore_index=ctx.ignore_index),
+                       torch.logsumexp(logits.to(lse.dtype), dim=-1))
+            return _composite_grads(outputs, [grad, grad_lse], (logits,), (True,))[0], None, None, None
+        grad_logits = None
+        if grad is not None:
+            grad_logits = torch.ops.diffusionblocks.weighted_cross_entropy_backward(
+                grad, logits, target, weight, lse, ctx.ignore_index)
+        if grad_lse is not None:
+            from_lse = (torch.exp(logits.to(lse.dtype) - lse[..., None]) * grad_lse[..., None]).to(logits.dtype)
+            grad_logits = from_lse if grad_logits is None else grad_logits + from_lse
         return grad_logits, None, None, None
 
     torch.library.register_autograd(lib + "weighted_cross_entropy", backward_cross_entropy,

@@ -44,6 +44,12 @@ def c_skip(sigma, sigma_data=SIGMA_DATA):
     return sigma_data**2 / (sigma**2 + sigma_data**2)
 
 
+def one_minus_c_skip(sigma, sigma_data=SIGMA_DATA):
+    """1 − c_skip = σ²/(σ² + σ_d²), computed as such: the difference cancels for σ ≪ σ_d
+    (float32 keeps ~16 fewer bits at σ = 0.002), and the samplers scale it by (σ_next − σ)/σ."""
+    return sigma**2 / (sigma**2 + sigma_data**2)
+
+
 def c_out(sigma, sigma_data=SIGMA_DATA):
     return sigma * sigma_data / torch.sqrt(sigma**2 + sigma_data**2)
 
@@ -62,11 +68,13 @@ def loss_weight(sigma, sigma_data=SIGMA_DATA):
 
 
 def euler_coefficients(sigma, sigma_next, sigma_data=SIGMA_DATA, denoised=False):
-    """(a_z, a_F) with z_next = a_z·z + a_F·F, for z_next = z + (σ_next − σ)(z − D)/σ."""
-    h = (sigma_next - sigma) / sigma
+    """(a_z, a_F) with z_next = a_z·z + a_F·F, for z_next = z + (σ_next − σ)(z − D)/σ.
+    a_z = 1 + h·(1 − c_skip), h = (σ_next − σ)/σ, is computed as c_skip + (σ_next/σ)·(1 − c_skip):
+    two positive terms, where 1 + h cancels for σ_next ≪ σ (as in csrc/edm.h)."""
+    r, a_f = sigma_next / sigma, (sigma - sigma_next) / sigma
     if denoised:
-        return 1 + h, -h
-    return 1 + h * (1 - c_skip(sigma, sigma_data)), -h * c_out(sigma, sigma_data)
+        return r, a_f
+    return c_skip(sigma, sigma_data) + r * one_minus_c_skip(sigma, sigma_data), a_f * c_out(sigma, sigma_data)
 
 
 def heun_coefficients(sigma, sigma_next, sigma_data=SIGMA_DATA, denoised=False):
@@ -76,22 +84,40 @@ def heun_coefficients(sigma, sigma_next, sigma_data=SIGMA_DATA, denoised=False):
         one = torch.ones_like(sigma)
         ks1, kf1, ks2, kf2 = one, one, one, one
     else:
-        ks1, kf1 = 1 - c_skip(sigma, sigma_data), c_out(sigma, sigma_data)
-        ks2, kf2 = 1 - c_skip(sigma_next, sigma_data), c_out(sigma_next, sigma_data)
+        ks1, kf1 = one_minus_c_skip(sigma, sigma_data), c_out(sigma, sigma_data)
+        ks2, kf2 = one_minus_c_skip(sigma_next, sigma_data), c_out(sigma_next, sigma_data)
     return (1 + half_dt * ks1 / sigma, -half_dt * kf1 / sigma,
             half_dt * ks2 / sigma_next, -half_dt * kf2 / sigma_next)
 
 
+def _lognormal_range(sigma_lo, sigma_hi, p_mean, p_std):
+    """(s, p_lo, p_hi): Φ(s·ℓ) at the range ends, ℓ = (ln σ − p_mean)/p_std. A range above
+    the median (s = −1) is sampled through Φ(−ℓ) = 1 − Φ(ℓ), which keeps the digits Φ(ℓ)
+    loses as it rounds to 1 (csrc/lognormal.h does the same). Φ by erfc, as there:
+    torch.special.ndtr returns 0 below ℓ ≈ −8.3 instead of the tail value."""
+    ell = [(math.log(v) - p_mean) / p_std for v in (sigma_lo, sigma_hi)]
+    s = -1.0 if ell[0] > 0 else 1.0
+    p_lo, p_hi = (0.5 * math.erfc(-s * v / math.sqrt(2)) for v in ell)
+    return s, p_lo, p_hi
+
+
 def check_sample_sigma(n, sigma_lo, sigma_hi, p_mean, p_std, dtype):
-    if not isinstance(n, int) or n < 0:
-        check.fail(f"n: expected an integer >= 0, got {n}")
-    finite = all(isinstance(v, (int, float)) and math.isfinite(v) for v in (sigma_lo, sigma_hi))
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        check.fail(f"n: expected an integer >= 0, got {n!r}")
+    check.number("sigma_lo", sigma_lo)
+    check.number("sigma_hi", sigma_hi)
+    finite = all(math.isfinite(v) for v in (sigma_lo, sigma_hi))
     if not finite or not 0 < sigma_lo <= sigma_hi:
         check.fail(f"sigma_lo, sigma_hi: expected 0 < sigma_lo <= sigma_hi, both finite, "
                    f"got sigma_lo={sigma_lo:g}, sigma_hi={sigma_hi:g}")
-    if not isinstance(p_mean, (int, float)) or not math.isfinite(p_mean):
-        check.fail(f"p_mean: expected a finite number, got {p_mean}")
+    check.number("p_mean", p_mean)
+    if not math.isfinite(p_mean):
+        check.fail(f"p_mean: expected a finite number, got {p_mean:g}")
     check.positive_number("p_std", p_std)
+    _, p_lo, p_hi = _lognormal_range(sigma_lo, sigma_hi, p_mean, p_std)
+    if p_lo == p_hi and sigma_lo < sigma_hi:  # no mass representable in float64: σ < 1e-20 or so
+        check.fail(f"sigma_lo, sigma_hi: expected a range with probability > 0 under the log-normal, "
+                   f"got sigma_lo={sigma_lo:g}, sigma_hi={sigma_hi:g}")
     if dtype not in check.FLOAT_DTYPES:
         check.fail(f"dtype: expected a floating-point dtype, got {check.dtype_name(dtype)}")
 
@@ -106,9 +132,8 @@ def sample_sigma(n, sigma_lo, sigma_hi, *, seed=None, offset=0, p_mean=P_MEAN, p
     device = torch.device("cpu") if device is None else torch.device(device)
     x = _philox.philox4x32_10(torch.arange(n, dtype=torch.int64, device=device), offset, seed)
     u = _philox.uniform53(x[0], x[1])
-    ends = torch.tensor([sigma_lo, sigma_hi], dtype=torch.float64)
-    cdf_lo, cdf_hi = torch.special.ndtr((torch.log(ends) - p_mean) / p_std).tolist()
-    sigma = torch.exp(p_mean + p_std * torch.special.ndtri(cdf_lo + u * (cdf_hi - cdf_lo)))
+    s, p_lo, p_hi = _lognormal_range(sigma_lo, sigma_hi, p_mean, p_std)
+    sigma = torch.exp(p_mean + p_std * s * torch.special.ndtri(p_lo + u * (p_hi - p_lo)))
     return sigma.clamp(sigma_lo, sigma_hi).to(dtype)
 
 
@@ -208,22 +233,53 @@ def edm_loss(F, z, y, sigma, *, sigma_data=SIGMA_DATA):
     return _per_row((F.to(s.dtype) - target).square()).mean(dim=1)
 
 
-def check_weighted_cross_entropy(logits, target, weight, ignore_index, values=True):
+def check_edm_loss_backward(grad, F, z, y, sigma):
+    """The fused backward's arguments (the dispatcher op edm_loss_backward)."""
+    _check_pair("F", F, "z", z)
+    check.like("y", y, "F", F)
+    check.per_example("sigma", sigma, "F", F)
+    check.per_example("grad", grad, "F", F)
+
+
+def _check_logits(logits):
     check.floating("logits", logits)
     if logits.dim() not in (2, 3):
         check.fail(f"logits: expected shape [N, C] or [N, T, C], got {list(logits.shape)}")
-    if logits.shape[-1] == 0:
-        check.fail("logits: expected at least one class (C >= 1), got C = 0")
+
+
+def _check_per_position(name, t, logits):
+    check.tensor(name, t)
+    check.same_device(name, t, "logits", logits)
+    if t.shape != logits.shape[:-1]:
+        check.fail(f"{name}: expected shape {list(logits.shape[:-1])} (logits without its class dim), "
+                   f"got {list(t.shape)}")
+
+
+def _check_target(target, logits):
     check.tensor("target", target)
     if target.dtype != torch.int64:
         check.fail(f"target: expected an int64 tensor of class indices, got {check.dtype_name(target.dtype)}")
-    check.same_device("target", target, "logits", logits)
-    if target.shape != logits.shape[:-1]:
-        check.fail(f"target: expected shape {list(logits.shape[:-1])} (logits without its class dim), "
-                   f"got {list(target.shape)}")
+    _check_per_position("target", target, logits)
+
+
+def check_cross_entropy_backward(grad, logits, target, weight, lse):
+    """The fused backward's arguments (the dispatcher op weighted_cross_entropy_backward)."""
+    _check_logits(logits)
+    _check_target(target, logits)
+    check.floating("lse", lse)
+    _check_per_position("lse", lse, logits)
+    check.per_example("weight", weight, "logits", logits)
+    check.per_example("grad", grad, "logits", logits)
+
+
+def check_weighted_cross_entropy(logits, target, weight, ignore_index, values=True):
+    _check_logits(logits)
+    if logits.shape[-1] == 0:
+        check.fail("logits: expected at least one class (C >= 1), got C = 0")
+    _check_target(target, logits)
     check.per_example("weight", weight, "logits", logits)
     check.no_grad_wrt("weight", weight)
-    if values and not torch.compiler.is_compiling() and target.numel() > 0:
+    if values and not torch.compiler.is_compiling() and target.numel() > 0 and target.device.type != "meta":
         valid = ((target >= 0) & (target < logits.shape[-1])) | (target == ignore_index)
         if not bool(valid.all()):
             check.fail(f"target: expected class indices in [0, {logits.shape[-1]}) "

@@ -37,8 +37,7 @@ void sample_sigma_(Tensor& out, double sigma_lo, double sigma_hi, int64_t seed, 
   check::sample_sigma_args(out, sigma_lo, sigma_hi, p_mean, p_std);
   const int64_t n = out.numel();
   if (n == 0) return;
-  const double cdf_lo = dbx::normal_cdf((std::log(sigma_lo) - p_mean) / p_std);
-  const double cdf_hi = dbx::normal_cdf((std::log(sigma_hi) - p_mean) / p_std);
+  const dbx::LognormalRange range = dbx::lognormal_range(sigma_lo, sigma_hi, p_mean, p_std);
   const uint64_t key = static_cast<uint64_t>(seed), off = static_cast<uint64_t>(offset);
   Tensor dst = out.is_contiguous() ? out : at::empty({n}, out.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "sample_sigma_cpu", [&] {
@@ -47,8 +46,7 @@ void sample_sigma_(Tensor& out, double sigma_lo, double sigma_hi, int64_t seed, 
       for (int64_t i = begin; i < end; ++i) {
         const U32x4 r = dbx::philox4x32_10(static_cast<uint64_t>(i), off, key);
         const double u = dbx::uniform53(r.x[0], r.x[1]);
-        op[i] = static_cast<scalar_t>(
-            dbx::truncated_lognormal(u, cdf_lo, cdf_hi, sigma_lo, sigma_hi, p_mean, p_std));
+        op[i] = static_cast<scalar_t>(dbx::truncated_lognormal(u, range));
       }
     });
   });

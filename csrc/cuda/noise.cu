@@ -24,20 +24,16 @@ using at::Tensor;
 
 // ---------------------------------------------------------------- sample_sigma_
 
-struct LogNormalRange {
-  double cdf_lo, cdf_hi, sigma_lo, sigma_hi, p_mean, p_std;
-};
-
 // Example i uses Philox counter (i, offset): words 0 and 1 give a 53-bit uniform.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
-    sample_sigma_kernel(scalar_t* out, int64_t n, LogNormalRange d, uint64_t offset, uint64_t seed) {
+    sample_sigma_kernel(scalar_t* out, int64_t n, LognormalRange range, uint64_t offset, uint64_t seed) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
     const U32x4 r = philox4x32_10(static_cast<uint64_t>(i), offset, seed);
     const double u = uniform53(r.x[0], r.x[1]);
     out[i] = static_cast<scalar_t>(
-        truncated_lognormal(u, d.cdf_lo, d.cdf_hi, d.sigma_lo, d.sigma_hi, d.p_mean, d.p_std));
+        truncated_lognormal(u, range));
   }
 }
 
@@ -48,13 +44,11 @@ void sample_sigma_(Tensor& out, double sigma_lo, double sigma_hi, int64_t seed, 
   if (n == 0) return;
   const c10::cuda::CUDAGuard guard(out.device());
   // Φ at the range ends, once per call on the host in double.
-  const LogNormalRange d{dbx::normal_cdf((std::log(sigma_lo) - p_mean) / p_std),
-                         dbx::normal_cdf((std::log(sigma_hi) - p_mean) / p_std),
-                         sigma_lo, sigma_hi, p_mean, p_std};
+  const LognormalRange range = dbx::lognormal_range(sigma_lo, sigma_hi, p_mean, p_std);
   Tensor dst = out.is_contiguous() ? out : at::empty({n}, out.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "sample_sigma_cuda", [&] {
     sample_sigma_kernel<scalar_t><<<grid_blocks(n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        dst.mutable_data_ptr<scalar_t>(), n, d, static_cast<uint64_t>(offset), static_cast<uint64_t>(seed));
+        dst.mutable_data_ptr<scalar_t>(), n, range, static_cast<uint64_t>(offset), static_cast<uint64_t>(seed));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   if (!dst.is_same(out)) out.copy_(dst.view(out.sizes()));
