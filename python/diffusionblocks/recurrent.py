@@ -1,0 +1,260 @@
+"""Recurrent-depth character LM (Huginn, Geiping et al. 2025) as a DiffusionBlocks task
+(SPEC §6, issue 5): prelude layers -> a weight-shared core applied K times -> coda.
+
+The model (same modules in both modes; all Llama layers with adaLN, causal attention):
+  e = RMSNorm(prelude(embed(x)))                       once per sequence, σ-free
+  core pass:  s' = RMSNorm(core(adapter([s ; e])))     the core's layers, shared by every pass
+  readout:    logits = head(adaLN(RMSNorm(coda(s))))
+Position j of a window reads characters <= j and predicts character j + 1.
+
+End-to-end baseline (--mode e2e), Huginn's recipe: s_0 ~ N(0, I), K core passes, readout
+of s_K, cross-entropy. K is drawn per step from Huginn's log-normal Poisson, τ ~ N(ln r̄ −
+½·0.5², 0.5), K = 1 + Poisson(e^τ) (r̄ = model.mean_recurrence), and gradients flow only
+through the last k = model.backprop_depth passes (truncated back-propagation). The
+earlier passes run with grad mode on but nothing recorded (their inputs and the core's
+parameters detached), so the trainer counts them as training layer evaluations, which
+they are, and they save no activations. The core (and the coda) get a learned constant
+in place of the σ-embedding.
+
+DiffusionBlocks (--mode blocks, B = 1): the core is one denoiser D(z_σ, e, σ) of the
+L2-normalised embedding of the next character, trained over the whole σ range with a
+single pass per step (no unrolling): z = y + σ·ε (one σ per sequence), the core pass on
+[c_in·z ; e] conditioned on σ gives F, D = c_skip·z + c_out·F, logits = readout(D) (the
+coda and head conditioned on σ too), loss λ(σ)·CE. At inference each of the K passes is
+one Euler step along K noise levels (`sampler.denoise_chain`, σ_max -> σ_min, the
+expected embedding softmax(logits)·E between steps as for ViT), so inference with K
+passes costs prelude + K·(core + coda) layer evaluations: the readout (coda) runs at
+every level because the Euler step needs the estimate it gives.
+
+Metrics: `test_ce`/`test_accuracy` at K = model.recurrence (block-wise, the readout of
+the last Euler level, which is a sample: see ar.py), and in the report test_ce_K{K} for
+every K of model.eval_recurrences (default 4, 8, 16, 32), on the validation windows of
+ar.py; block-wise also test_ce_by_level (the first level's readout, one pass at σ_max,
+is the model's predictive distribution)."""
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import diffusionblocks_ext as dx
+
+from . import sampler, schedule
+from .ar import CharacterLM, check_text_options, raise_first
+from .layers import AdaptiveNorm, SigmaEmbedder
+from .llama import LlamaLayer, RMSNorm, rotary_tables
+
+RECURRENCE_LOG_STD = 0.5   # Huginn's σ of ln(rate) for the random K
+
+
+@dataclass
+class RecurrentConfig:
+    prelude_layers: int = 1
+    core_layers: int = 2                 # the weight-shared core: one pass runs these layers
+    coda_layers: int = 1
+    width: int = 64
+    heads: int = 4
+    seq_len: int = 64                    # characters per training window (seq_len − 1 predictions)
+    data: str = ""                       # a UTF-8 text file; "" = the pydoc_data topics (text.py)
+    mean_recurrence: int = 6             # baseline: r̄; K = 1 + Poisson(e^τ) per step (Huginn: r̄ = 32)
+    backprop_depth: int = 3              # baseline: passes with gradients, the last k (Huginn: 8)
+    recurrence: int = 8                  # K at evaluation (test_ce) and for samples
+    eval_recurrences: tuple[int, ...] | None = (4, 8, 16, 32)  # Ks measured at the end of a run
+    inference_schedule: str = "cdf"      # block-wise: the K noise levels, "cdf" or "karras"
+    normalized_inference_embedding: bool = True
+    eval_windows: int = 256
+    sample_tokens: int = 200
+
+    def __post_init__(self):
+        if self.eval_recurrences is not None:  # a JSON list from config.json
+            self.eval_recurrences = tuple(self.eval_recurrences)
+
+    @property
+    def layers(self) -> int:
+        """All layer modules (prelude, core, coda): what the partition and the counters see."""
+        return self.prelude_layers + self.core_layers + self.coda_layers
+
+    def check(self, config) -> None:
+        raise_first(check_text_options(self, config) + [
+            (self.prelude_layers >= 0, f"model.prelude_layers: expected >= 0, got {self.prelude_layers}"),
+            (self.core_layers >= 1, f"model.core_layers: expected at least 1, got {self.core_layers}"),
+            (self.coda_layers >= 0, f"model.coda_layers: expected >= 0, got {self.coda_layers}"),
+            (self.mean_recurrence >= 1, f"model.mean_recurrence: expected at least 1, got {self.mean_recurrence}"),
+            (self.backprop_depth >= 1, f"model.backprop_depth: expected at least 1, got {self.backprop_depth}"),
+            (self.recurrence >= 1, f"model.recurrence: expected at least 1, got {self.recurrence}"),
+            (all(k >= 1 for k in self.eval_recurrences or ()),
+             f"model.eval_recurrences: expected recurrences >= 1, got {self.eval_recurrences}"),
+            (config.mode == "e2e" or config.blocks == 1,
+             f"blocks: the recurrent core is one denoiser over the whole σ range; expected blocks=1, "
+             f"got {config.blocks}"),
+        ])
+
+
+@contextlib.contextmanager
+def untracked(parameters):
+    """Runs with grad mode on but records no graph: `parameters` stop requiring grad for the
+    duration (the caller detaches the inputs). For truncated back-propagation, instead of
+    torch.no_grad, so that layer calls still count as training compute."""
+    parameters = [p for p in parameters if p.requires_grad]
+    for p in parameters:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in parameters:
+            p.requires_grad_(True)
+
+
+class RecurrentModel(nn.Module):
+    def __init__(self, options: RecurrentConfig, vocab_size: int):
+        super().__init__()
+        width = options.width
+        self.token_embed = nn.Embedding(vocab_size, width)
+        self.target_embed = nn.Parameter(torch.randn(vocab_size, width))  # blocks: y = normalize(E[next])
+        self.constant_cond = nn.Parameter(torch.randn(1, width))  # σ-free layers' conditioning vector
+        self.sigma_embed = SigmaEmbedder(width)                   # blocks: core and readout on σ
+        self.prelude_norm = RMSNorm(width)
+        self.adapter = nn.Linear(2 * width, width, bias=False)    # [state ; e] -> the core's input
+        self.core_norm = RMSNorm(width)
+        self.final_norm = RMSNorm(width)
+        self.head_norm = AdaptiveNorm(width)
+        self.head = nn.Linear(width, vocab_size)
+        # Every layer module once, in order: prelude, core, coda (the counters hook these).
+        self.layers = nn.ModuleList(LlamaLayer(width, options.heads) for _ in range(options.layers))
+        self.prelude = range(0, options.prelude_layers)
+        self.core = range(options.prelude_layers, options.prelude_layers + options.core_layers)
+        self.coda = range(self.core.stop, options.layers)
+
+    def run(self, x: torch.Tensor, indices: range, cond: torch.Tensor, rope) -> torch.Tensor:
+        for index in indices:
+            x = self.layers[index](x, cond, rope)
+        return x
+
+    def core_parameters(self):
+        """What one core pass uses (the conditioning vector aside)."""
+        yield from self.adapter.parameters()
+        yield from self.core_norm.parameters()
+        for index in self.core:
+            yield from self.layers[index].parameters()
+
+
+class RecurrentDepthLM(CharacterLM):
+    """Next-character prediction with a recurrent-depth model, see the module docstring."""
+
+    name = "recurrent"
+    Config = RecurrentConfig
+    presets = {
+        # Prelude 1, core 2 (shared), coda 1 layers of width 64; Huginn's random K (mean 1 + 6)
+        # and truncated backprop through 3 passes; block-wise B = 1 (one denoiser, whole σ range).
+        "recurrent-text": lambda: dict(model=RecurrentConfig(), blocks=1, gamma=0.0, e2e_steps=600,
+                                       batch_size=32, warmup_e2e_steps=30, checkpoint_every=200),
+        "recurrent-text-tiny": lambda: dict(
+            model=RecurrentConfig(width=16, heads=2, seq_len=12, mean_recurrence=2, backprop_depth=1,
+                                  recurrence=3, eval_recurrences=(2, 3), eval_windows=4, sample_tokens=4),
+            blocks=1, gamma=0.0, e2e_steps=4, warmup_e2e_steps=1, batch_size=4, checkpoint_every=4, threads=1),
+    }
+
+    def __init__(self, options: RecurrentConfig):
+        super().__init__(options)
+        self.model = RecurrentModel(options, self.corpus.vocab_size)
+        self.head_dim = options.width // options.heads
+
+    # --- the pieces ---------------------------------------------------------------------------
+    def rope(self, length: int):
+        return rotary_tables(range(length), self.head_dim)
+
+    def prelude(self, tokens: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        cond = m.constant_cond.expand(len(tokens), -1)
+        return m.prelude_norm(m.run(m.token_embed(tokens), m.prelude, cond, self.rope(tokens.shape[1])))
+
+    def core_pass(self, state: torch.Tensor, e: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        h = m.adapter(torch.cat([state, e], dim=-1))
+        return m.core_norm(m.run(h, m.core, cond, self.rope(state.shape[1])))
+
+    def readout(self, state: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        h = m.final_norm(m.run(state, m.coda, cond, self.rope(state.shape[1])))
+        return m.head(m.head_norm(h, cond))
+
+    # --- the baseline: Huginn's unrolled recurrence -----------------------------------------------
+    def recur(self, e: torch.Tensor, passes: int, generator: torch.Generator, backprop: int | None = None):
+        """Logits after `passes` core passes from s_0 ~ N(0, I); gradients through the last
+        `backprop` passes only (None: all)."""
+        m = self.model
+        cond = m.constant_cond.expand(len(e), -1)
+        state = torch.randn(e.shape, generator=generator)
+        first_tracked = 0 if backprop is None else max(0, passes - backprop)
+        with untracked(m.core_parameters()) if torch.is_grad_enabled() else contextlib.nullcontext():
+            for _ in range(first_tracked):
+                state = self.core_pass(state, e.detach(), cond.detach())
+        for _ in range(first_tracked, passes):
+            state = self.core_pass(state, e, cond)
+        return self.readout(state, cond)
+
+    def training_recurrence(self, generator: torch.Generator) -> int:
+        """Huginn's K: 1 + Poisson(e^τ), τ ~ N(ln r̄ − s²/2, s), so E[e^τ] = r̄."""
+        s = RECURRENCE_LOG_STD
+        tau = torch.normal(math.log(self.options.mean_recurrence) - s * s / 2, s, (1,), generator=generator)
+        return 1 + int(torch.poisson(tau.exp(), generator=generator).item())
+
+    def end_to_end_loss(self, batch, generator):
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        passes = self.training_recurrence(generator)
+        logits = self.recur(self.prelude(inputs), passes, generator, self.options.backprop_depth)
+        return dx.weighted_cross_entropy(logits, targets, torch.ones(len(batch), dtype=logits.dtype))
+
+    # --- DiffusionBlocks: the core as one denoiser --------------------------------------------------
+    def denoise(self, e: torch.Tensor, z: torch.Tensor, z_in: torch.Tensor, sigma: torch.Tensor,
+                layers: range) -> tuple[torch.Tensor, torch.Tensor]:
+        """One core pass on (c_in·z, e) at σ, then the readout: (D, logits). `layers` is the
+        one block's range (every layer); only the core and coda run here."""
+        cond = self.model.sigma_embed(sigma)
+        D = dx.denoise(self.core_pass(z_in, e, cond), z, sigma)
+        return D, self.readout(D, cond)
+
+    def block_loss(self, batch, block, plan, generator):
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        sigma = schedule.sample_sigmas(len(batch), plan.training_range(block), generator=generator)
+        z, z_in = dx.add_noise(self.target(targets), sigma, generator=generator)  # one σ per sequence
+        _, logits = self.denoise(self.prelude(inputs), z, z_in, sigma, plan.layers(block))
+        return dx.weighted_cross_entropy(logits, targets, dx.loss_weight(sigma)), sigma
+
+    # --- evaluation and generation --------------------------------------------------------------
+    def logits(self, tokens: torch.Tensor, plan, mode: str, passes: int, generator, denoiser=None) -> torch.Tensor:
+        """[N, T, V]: position j predicts character j + 1, after `passes` core passes."""
+        e = self.prelude(tokens)
+        if mode == "e2e":
+            return self.recur(e, passes, generator)
+        return sampler.denoise_chain(denoiser or self, plan, e, (tokens.shape[1], self.options.width), passes,
+                                     generator, self.options.inference_schedule)
+
+    def window_logits(self, windows, plan, mode, generator, passes=None, denoiser=None):
+        return self.logits(windows[:, :-1], plan, mode, passes or self.options.recurrence, generator, denoiser)
+
+    def context_length(self, mode: str) -> int:
+        return self.options.seq_len - 1
+
+    def next_logits(self, context, plan, mode, generator, steps=None):
+        return self.logits(context, plan, mode, steps or self.options.recurrence, generator)[:, -1]
+
+    def evaluate(self, plan, mode):
+        ce, accuracy = self.window_metrics(plan, mode)
+        return {"test_ce": ce, "test_accuracy": accuracy}
+
+    def finish(self, plan, mode, out_dir):
+        metrics = {}
+        if mode == "blocks":
+            # The readout after each of the K = model.recurrence passes (the first one, at σ_max,
+            # is the model's predictive distribution; the chain then samples from it).
+            metrics["test_ce_by_level"], metrics["test_accuracy_by_level"] = self.metrics_by_level(plan, mode)
+        for passes in self.options.eval_recurrences or ():
+            ce, accuracy = self.window_metrics(plan, mode, passes=passes)
+            metrics[f"test_ce_K{passes}"] = ce
+            metrics[f"test_accuracy_K{passes}"] = accuracy
+        metrics.update(self.samples_for_report(plan, mode, out_dir))
+        return metrics
+
