@@ -1,0 +1,312 @@
+"""Class-conditional image generation with a DiT (SPEC §6), on scikit-learn's 8×8 digits.
+
+The target y is the image itself, standardised to the σ_data the EDM preconditioning
+assumes: y = σ_d·(x − μ)/s, with μ = 0.305 and s = 0.376 the mean and standard deviation
+of all pixels of the training split (x in [0, 1]), so y has standard deviation σ_d = 0.5.
+Generated y map back by x = μ + s·y/σ_d, clipped to [0, 1].
+
+The network is DiT's: patchify (2×2 patches -> 16 tokens) + learned positions, adaLN-Zero
+transformer layers conditioned on c = σ-embedding + class embedding (a learned table with
+one extra row, the null class, that replaces the label of 10% of training examples so one
+model is both conditional and unconditional), and a final adaLN + zero-initialised linear
+layer un-patchified into the raw output F. D = c_skip·z + c_out·F; the loss is the fused
+`edm_loss`, λ(σ)·‖D − y‖² computed in F-space.
+
+Block-wise, block b draws σ from its widened range and runs only its layers. End to end
+(--mode e2e) is the ordinary DiT diffusion model: the same modules, every layer, σ from
+the whole log-normal. Both sample the same way (sampler.integrate): N levels equally
+spaced in the training CDF, each evaluation running the block that owns its σ, so a
+block-wise step costs L/B layers against L end to end.
+
+Evaluation (evaluator.py): class consistency and the Fréchet distance of a small digits
+CNN's features, for `eval_samples` images generated at the end of training (finish)."""
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import diffusionblocks_ext as dx
+
+from . import data, evaluator, sampler, schedule
+from .errors import ConfigError
+from .layers import AdaptiveNorm, SigmaEmbedder, TransformerLayer
+from .vit import patchify
+
+EVAL_SEED = 0         # starting noise of the end-of-run samples and of the test loss's draws
+TEST_LOSS_REPEATS = 4  # σ draws per test image for test_denoising_loss
+
+
+@dataclass
+class DiTConfig:
+    layers: int = 6
+    width: int = 64
+    heads: int = 4
+    mlp_ratio: int = 4
+    patch_size: int = 2
+    label_dropout: float = 0.1       # share of training labels replaced by the null class (CFG)
+    max_shift: int = 0               # augmentation: random shift in pixels (0: the test split is centred too)
+    sample_steps: int = 50           # N noise levels of the sampler
+    sampler: str = "euler"           # "euler" or "heun"
+    sample_schedule: str = "cdf"     # levels: "cdf" (equal steps in the training CDF, SPEC §5) or "karras" (ρ=7)
+    cfg_scale: float = 1.0           # classifier-free guidance s: D_u + s·(D_c − D_u); 1 = none
+    eval_samples: int = 1000         # images generated at the end of a run (equal per class)
+    grid_columns: int = 10           # samples per class (row) in the PNG grids
+
+    def check(self, config) -> None:
+        """Raises ConfigError naming the first bad field (config: the whole TrainConfig)."""
+        classes = 10
+        problems = [
+            (self.layers >= 1, f"model.layers: expected at least 1, got {self.layers}"),
+            (self.width >= 1 and self.heads >= 1 and self.width % self.heads == 0,
+             f"model.width: expected a positive multiple of model.heads={self.heads}, got {self.width}"),
+            (self.mlp_ratio >= 1, f"model.mlp_ratio: expected at least 1, got {self.mlp_ratio}"),
+            (self.patch_size >= 1 and data.IMAGE_SIZE % self.patch_size == 0,
+             f"model.patch_size: expected a divisor of the image size {data.IMAGE_SIZE}, got {self.patch_size}"),
+            (0 <= self.label_dropout < 1, f"model.label_dropout: expected in [0, 1), got {self.label_dropout:g}"),
+            (self.max_shift >= 0, f"model.max_shift: expected >= 0, got {self.max_shift}"),
+            (self.sample_steps >= 1, f"model.sample_steps: expected at least 1, got {self.sample_steps}"),
+            (self.sampler in sampler.SAMPLERS,
+             f"model.sampler: expected one of {', '.join(sampler.SAMPLERS)}, got {self.sampler!r}"),
+            (self.sample_schedule in schedule.INFERENCE_SCHEDULES,
+             f"model.sample_schedule: expected one of {', '.join(schedule.INFERENCE_SCHEDULES)}, "
+             f"got {self.sample_schedule!r}"),
+            (self.cfg_scale >= 0, f"model.cfg_scale: expected >= 0, got {self.cfg_scale:g}"),
+            (self.eval_samples >= 2 * classes and self.eval_samples % classes == 0,
+             f"model.eval_samples: expected a multiple of {classes} classes, at least {2 * classes}, "
+             f"got {self.eval_samples}"),
+            (self.grid_columns >= 1, f"model.grid_columns: expected at least 1, got {self.grid_columns}"),
+            (1 <= config.batch_size <= data.TRAIN_SIZE,
+             f"batch_size: expected 1..{data.TRAIN_SIZE} (the training set), got {config.batch_size}"),
+        ]
+        for ok, message in problems:
+            if not ok:
+                raise ConfigError(message)
+
+
+def unpatchify(tokens: torch.Tensor, patch: int, channels: int, size: int) -> torch.Tensor:
+    """The inverse of vit.patchify: [N, (H/p)·(W/p), C·p·p] -> [N, C, H, W]."""
+    n, side = len(tokens), size // patch
+    x = tokens.reshape(n, side, side, channels, patch, patch)
+    return x.permute(0, 3, 1, 4, 2, 5).reshape(n, channels, size, size)
+
+
+class DiT(nn.Module):
+    def __init__(self, config: DiTConfig, image_size: int, channels: int, num_classes: int):
+        super().__init__()
+        width, self.patch_size = config.width, config.patch_size
+        self.image_size, self.channels, self.null_class = image_size, channels, num_classes
+        patch_dim = channels * config.patch_size ** 2
+        # Shared modules (used by every block).
+        self.patch_embed = nn.Linear(patch_dim, width)
+        self.pos_embed = nn.Parameter(0.02 * torch.randn(1, (image_size // config.patch_size) ** 2, width))
+        self.class_embed = nn.Embedding(num_classes + 1, width)  # row num_classes: the null class
+        nn.init.normal_(self.class_embed.weight, std=0.02)
+        self.sigma_embed = SigmaEmbedder(width)
+        self.final_norm = AdaptiveNorm(width)
+        self.final_linear = nn.Linear(width, patch_dim)
+        nn.init.zeros_(self.final_linear.weight)  # F = 0 at the start: D = c_skip·z (DiT's zero init)
+        nn.init.zeros_(self.final_linear.bias)
+        # The residual layers the partition cuts into blocks.
+        self.layers = nn.ModuleList(TransformerLayer(width, config.heads, config.mlp_ratio)
+                                    for _ in range(config.layers))
+
+    def forward(self, z_in: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor, layers: range) -> torch.Tensor:
+        """Raw output F [N, C, H, W] of `layers` only, from c_in·z, σ [N] and labels [N]
+        (num_classes = the null class)."""
+        cond = self.sigma_embed(sigma) + self.class_embed(labels)
+        x = self.patch_embed(patchify(z_in, self.patch_size)) + self.pos_embed
+        for index in layers:
+            x = self.layers[index](x, cond)
+        tokens = self.final_linear(self.final_norm(x, cond))
+        return unpatchify(tokens, self.patch_size, self.channels, self.image_size)
+
+
+class DiTGeneration:
+    """Class-conditional generation of scikit-learn's digits as a task (see task.py)."""
+
+    Config = DiTConfig
+    level_name = "sigma"
+    presets = {
+        # The README's generative job: trains in minutes on 2 CPU cores.
+        "dit-digits": lambda: dict(model=DiTConfig(), e2e_steps=1500),
+        # For tests: seconds, not minutes.
+        "dit-digits-tiny": lambda: dict(
+            model=DiTConfig(layers=3, width=16, heads=2, mlp_ratio=2, sample_steps=6, eval_samples=20,
+                            grid_columns=2),
+            blocks=3, e2e_steps=6, warmup_e2e_steps=2, batch_size=32, checkpoint_every=5, threads=1),
+    }
+
+    def __init__(self, options: DiTConfig):
+        self.options = options
+        self.data = data.load()
+        self.num_classes = self.data.num_classes
+        pixels = self.data.train_images
+        self.pixel_mean, self.pixel_std = pixels.mean().item(), pixels.std().item()
+        self.model = DiT(options, self.data.image_size, self.data.channels, self.num_classes)
+        self.num_layers = len(self.model.layers)
+
+    # --- the target and back -----------------------------------------------------------
+    def to_target(self, images: torch.Tensor) -> torch.Tensor:
+        return dx.SIGMA_DATA * (images - self.pixel_mean) / self.pixel_std
+
+    def to_images(self, y: torch.Tensor) -> torch.Tensor:
+        return (self.pixel_mean + self.pixel_std * y / dx.SIGMA_DATA).clamp(0, 1)
+
+    # --- training (task.py) ---------------------------------------------------------
+    def train_batch(self, step, batch_size, seed, generator):
+        return data.train_batch(self.data, step, batch_size, seed, self.options.max_shift, generator)
+
+    def block_loss(self, batch, block, plan, generator):
+        images, labels = batch
+        sigma = schedule.sample_sigmas(len(labels), plan.training_range(block), generator=generator)
+        return self.denoising_loss(images, labels, sigma, plan.layers(block), generator), sigma
+
+    def end_to_end_loss(self, batch, generator):
+        images, labels = batch
+        sigma = schedule.sample_sigmas(len(labels), (dx.SIGMA_MIN, dx.SIGMA_MAX), generator=generator)
+        return self.denoising_loss(images, labels, sigma, range(self.num_layers), generator)
+
+    def denoising_loss(self, images, labels, sigma, layers, generator):
+        """λ(σ)·mean((D − y)²) per example, with 10% of the labels dropped to the null class."""
+        y = self.to_target(images)
+        z, z_in = dx.add_noise(y, sigma, generator=generator)
+        dropped = torch.rand(len(labels), generator=generator) < self.options.label_dropout
+        labels = labels.masked_fill(dropped, self.model.null_class)
+        return dx.edm_loss(self.model(z_in, sigma, labels, layers), z, y, sigma)
+
+    def no_weight_decay(self):
+        return {"pos_embed"}
+
+    # --- sampling ------------------------------------------------------------------------
+    def estimate(self, labels: torch.Tensor, cfg: float):
+        """The sampler's estimate for `labels`: D conditional (cfg = 1), else the guided mix
+        of one batched pass over [conditional; unconditional]."""
+        null = torch.full_like(labels, self.model.null_class)
+
+        def estimate(z, z_in, sigma, layers):
+            if cfg == 1.0:
+                D = dx.denoise(self.model(z_in, sigma, labels, layers), z, sigma)
+                return D, D
+            both = lambda t: torch.cat([t, t])  # noqa: E731
+            F = self.model(both(z_in), both(sigma), torch.cat([labels, null]), layers)
+            D_cond, D_uncond = dx.denoise(F, both(z), both(sigma)).chunk(2)
+            D = sampler.guided(D_cond, D_uncond, cfg)
+            return D, D
+
+        return estimate
+
+    @torch.no_grad()
+    def generate(self, plan, labels: torch.Tensor, steps: int, method: str, cfg: float,
+                 generator: torch.Generator, levels: str | None = None) -> tuple[torch.Tensor, dict]:
+        """Images [N, C, H, W] in [0, 1] for `labels` [N], and what it cost. `levels`: the
+        noise-level schedule (default: the config's sample_schedule)."""
+        levels = levels or self.options.sample_schedule
+        sigmas = schedule.INFERENCE_SCHEDULES[levels](steps).tolist()
+        shape = (len(labels), self.data.channels, self.data.image_size, self.data.image_size)
+        started = time.perf_counter()
+        y, blocks = sampler.integrate(self.estimate(labels, cfg), plan, shape, sigmas, generator, method)
+        seconds = time.perf_counter() - started
+        passes = 1 if cfg == 1.0 else 2  # the unconditional half of a guided batch is compute too
+        layer_evals = sum(len(plan.layer_range(b)) for b in blocks)
+        cost = {"steps": steps, "sampler": method, "schedule": levels, "cfg": cfg, "images": len(labels),
+                "network_evals": len(blocks),
+                "evals_by_block": [blocks.count(b) for b in range(plan.num_blocks)],
+                "layer_calls": layer_evals,                      # layer forward calls, each over the batch
+                "layer_evals_per_image": layer_evals * passes,   # layer applications per generated image
+                "seconds": seconds}
+        return self.to_images(y), cost
+
+    def class_labels(self, per_class: int, label: int | None = None) -> torch.Tensor:
+        classes = torch.arange(self.num_classes) if label is None else torch.tensor([label])
+        return classes.repeat_interleave(per_class)
+
+    def sample(self, plan, mode, request):
+        """`diffusionblocks sample DIR`: a grid (rows = classes) of request.count samples per class."""
+        options = self.options
+        if request.label is not None and not 0 <= request.label < self.num_classes:
+            raise ConfigError(f"class: expected 0..{self.num_classes - 1}, got {request.label}")
+        steps = request.steps or options.sample_steps
+        cfg = options.cfg_scale if request.cfg is None else request.cfg
+        if cfg < 0:
+            raise ConfigError(f"cfg: expected >= 0, got {cfg:g}")
+        per_class = request.count or options.grid_columns
+        labels = self.class_labels(per_class, request.label)
+        images, cost = self.generate(plan, labels, steps, request.sampler, cfg,
+                                     torch.Generator().manual_seed(request.seed))
+        # SampleRequest.run_dir, where the CLI passes it: the default folder and the cached evaluator.
+        run_dir = getattr(request, "run_dir", None)
+        name = f"samples-{mode}-{request.sampler}-N{steps}-cfg{cfg:g}-seed{request.seed}.png"
+        out = request.out or Path(run_dir or ".") / name
+        save_grid(images, per_class, out)
+        summary = {"out": str(out), "mode": mode, "seed": request.seed, **cost}
+        if run_dir is not None and (Path(run_dir) / evaluator.FILENAME).exists():
+            model, _ = evaluator.load_or_train(run_dir, self.data)
+            summary["class_consistency"] = evaluator.accuracy(model, images, labels)
+        return summary
+
+    # --- evaluation -------------------------------------------------------------------
+    @torch.no_grad()
+    def test_denoising_loss(self, plan) -> float:
+        """Mean λ(σ)-weighted denoising loss on the test split, σ from the whole training
+        density (fixed draws), each σ handled by the block that owns it: the held-out
+        training objective of the composed model, comparable across modes."""
+        images = self.data.test_images.repeat(TEST_LOSS_REPEATS, 1, 1, 1)
+        labels = self.data.test_labels.repeat(TEST_LOSS_REPEATS)
+        generator = torch.Generator().manual_seed(EVAL_SEED)
+        sigma = schedule.sample_sigmas(len(labels), (dx.SIGMA_MIN, dx.SIGMA_MAX), generator=generator)
+        y = self.to_target(images)
+        z, z_in = dx.add_noise(y, sigma, generator=generator)
+        owner = plan.block_of(sigma)
+        total = torch.zeros(())
+        for block in range(plan.num_blocks):
+            mine = owner == block
+            if mine.any():
+                F = self.model(z_in[mine], sigma[mine], labels[mine], plan.layers(block))
+                total += dx.edm_loss(F, z[mine], y[mine], sigma[mine]).sum()
+        return (total / len(labels)).item()
+
+    def evaluate(self, plan, mode):
+        return {"test_denoising_loss": self.test_denoising_loss(plan)}
+
+    def finish(self, plan, mode, out_dir):
+        """Generates eval_samples images (equal per class) with the configured sampler,
+        scores them against the real test split, and saves the first grid_columns of each
+        class as samples.png. The evaluator is cached in out_dir."""
+        options = self.options
+        model, reused = evaluator.load_or_train(out_dir, self.data)
+        labels = self.class_labels(options.eval_samples // self.num_classes)
+        images, cost = self.generate(plan, labels, options.sample_steps, options.sampler, options.cfg_scale,
+                                     torch.Generator().manual_seed(EVAL_SEED))
+        real = evaluator.features(model, self.data.test_images)
+        metrics = {
+            "class_consistency": evaluator.accuracy(model, images, labels),
+            "frechet_distance": evaluator.frechet_distance(evaluator.features(model, images), real),
+            **evaluator.reference_distances(model, self.data),
+            "evaluator_reused": reused,
+            **{f"sampling_{name}": value for name, value in cost.items()},
+        }
+        per_class = options.eval_samples // self.num_classes
+        columns = min(options.grid_columns, per_class)
+        grid = images.reshape(self.num_classes, per_class, *images.shape[1:])[:, :columns].flatten(0, 1)
+        save_grid(grid, columns, Path(out_dir) / "samples.png")
+        return metrics
+
+
+def save_grid(images: torch.Tensor, columns: int, path, scale: int = 4) -> None:
+    """Images [N, 1, H, W] in [0, 1], row-major in rows of `columns` (one class per row),
+    as a grey PNG: each pixel a scale×scale square, a 1-pixel grey gap between images."""
+    import matplotlib.image
+
+    n, _, h, w = images.shape
+    rows = -(-n // columns)
+    cell_h, cell_w = h * scale + 1, w * scale + 1
+    canvas = torch.full((rows * cell_h + 1, columns * cell_w + 1), 0.5)
+    big = images[:, 0].repeat_interleave(scale, 1).repeat_interleave(scale, 2)
+    for i in range(n):
+        r, c = divmod(i, columns)
+        canvas[1 + r * cell_h:1 + r * cell_h + h * scale, 1 + c * cell_w:1 + c * cell_w + w * scale] = big[i]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    matplotlib.image.imsave(str(path), canvas.numpy(), cmap="gray", vmin=0, vmax=1)
