@@ -149,7 +149,7 @@ def sample(args) -> int:
             raise ConfigError(f"{name}: expected at least 1, got {getattr(args, name)}")
     request = SampleRequest(steps=args.steps, sampler=args.sampler, cfg=args.cfg, label=args.label,
                             count=args.count, prompt=args.prompt, tokens=args.tokens, seed=args.seed,
-                            out=Path(args.out) if args.out else None)
+                            out=Path(args.out) if args.out else None, run_dir=run_dir)
     trainer.model.eval()
     with torch.no_grad():
         summary = trainer.task.sample(trainer.plan, trainer.config.mode, request)

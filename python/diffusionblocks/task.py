@@ -29,7 +29,8 @@ class SampleRequest:
     prompt: str | None = None       # text tasks: the prompt to continue
     tokens: int | None = None       # text tasks: how many tokens to generate
     seed: int = 0
-    out: Path | None = None         # where the task writes its samples (PNG, text)
+    out: Path | None = None         # where the task writes its samples (PNG, text); None: in run_dir
+    run_dir: Path | None = None     # the run being sampled
 
 
 class Task(Protocol):
