@@ -106,3 +106,11 @@ def test_per_block_shared_copies_resume_bit_identically(tmp_path):
     for a, b in zip(whole.shared_copies.copies, parts.shared_copies.copies):
         assert all(torch.equal(a[n], b[n]) for n in a)
     assert all(torch.equal(p, q) for p, q in zip(whole.model.layers.parameters(), parts.model.layers.parameters()))
+
+
+def test_offload_to_an_unwritable_run_directory_is_a_clear_error(capsys):
+    from diffusionblocks import cli
+
+    assert cli.main(["train", "vit-digits-tiny", "--out", "/proc/no-such-run", "--set", "offload=disk"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("diffusionblocks: error: out: cannot write to /proc/no-such-run") and err.count("\n") == 1

@@ -75,3 +75,10 @@ def test_global_shared_modules_need_a_sync_interval():
     config = C.override(C.preset("vit-digits-tiny"), ["parallel=blocks"])
     with pytest.raises(C.ConfigError, match="^shared_sync_every: block-parallel training with shared=global"):
         BlockParallel(2, config)
+
+
+def test_processes_that_do_not_divide_the_blocks_are_refused(tmp_path):
+    done = torchrun(4, "vit-digits-tiny", "--parallel", "blocks", "--out", str(tmp_path / "x"),
+                    "--set", *FIELDS, "shared=per-block")  # 4 processes, B = 3
+    assert done.returncode != 0
+    assert "parallel: 4 processes cannot split evenly over B=3 blocks" in done.stderr
