@@ -4,6 +4,7 @@
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <cstdio>
 #include <sstream>
 
 #include "lognormal.h"
@@ -26,6 +27,20 @@ std::string dtype_name(c10::ScalarType dtype) {
     case c10::ScalarType::ComplexDouble: return "complex128";
     default: return c10::toString(dtype);
   }
+}
+
+std::string num(double value) {
+  char text[32];
+  std::snprintf(text, sizeof text, "%g", value);  // what operator<< prints at its default precision
+  return text;
+}
+
+std::string num(int64_t value) { return std::to_string(value); }
+
+std::string shape(at::IntArrayRef sizes) {
+  std::string text = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) text += (i ? ", " : "") + std::to_string(sizes[i]);
+  return text + "]";
 }
 
 static bool is_floating(c10::ScalarType dtype) {
@@ -52,20 +67,20 @@ void like(const char* name, const at::Tensor& t, const char* ref_name, const at:
   same_device(name, t, ref_name, ref);
   TORCH_CHECK_VALUE(t.scalar_type() == ref.scalar_type(), name, ": expected dtype ",
                     dtype_name(ref.scalar_type()), " like ", ref_name, ", got ", dtype_name(t.scalar_type()));
-  TORCH_CHECK_VALUE(t.sizes() == ref.sizes(), name, ": expected shape ", ref.sizes(), " like ", ref_name,
-                    ", got ", t.sizes());
+  TORCH_CHECK_VALUE(t.sizes() == ref.sizes(), name, ": expected shape ", shape(ref.sizes()), " like ", ref_name,
+                    ", got ", shape(t.sizes()));
 }
 
 void per_example(const char* name, const at::Tensor& s, const char* ref_name, const at::Tensor& ref) {
   floating(name, s);
   same_device(name, s, ref_name, ref);
   TORCH_CHECK_VALUE(s.dim() == 1 && s.size(0) == ref.size(0), name, ": expected shape [N] with N = ",
-                    ref.size(0), " (the leading dim of ", ref_name, "), got ", s.sizes());
+                    num(ref.size(0)), " (the leading dim of ", ref_name, "), got ", shape(s.sizes()));
 }
 
 void positive_number(const char* name, double value) {
   TORCH_CHECK_VALUE(std::isfinite(value) && value > 0, name, ": expected a positive finite number, got ",
-                    value);
+                    num(value));
 }
 
 // The largest σ accepted (same as _checks.SIGMA_LIMIT): beyond 1.8e19 σ² overflows float32
@@ -99,14 +114,14 @@ void sample_sigma_args(const at::Tensor& out, double sigma_lo, double sigma_hi, 
   TORCH_CHECK_VALUE(at::has_internal_overlap(out) != at::MemOverlap::Yes,
                     "out: expected a tensor whose elements do not share memory, got an expanded one");
   TORCH_CHECK_VALUE(std::isfinite(sigma_lo) && std::isfinite(sigma_hi) && 0 < sigma_lo && sigma_lo <= sigma_hi,
-                    "sigma_lo, sigma_hi: expected 0 < sigma_lo <= sigma_hi, both finite, got sigma_lo=", sigma_lo,
-                    ", sigma_hi=", sigma_hi);
-  TORCH_CHECK_VALUE(std::isfinite(p_mean), "p_mean: expected a finite number, got ", p_mean);
+                    "sigma_lo, sigma_hi: expected 0 < sigma_lo <= sigma_hi, both finite, got sigma_lo=", num(sigma_lo),
+                    ", sigma_hi=", num(sigma_hi));
+  TORCH_CHECK_VALUE(std::isfinite(p_mean), "p_mean: expected a finite number, got ", num(p_mean));
   positive_number("p_std", p_std);
   const LognormalRange range = lognormal_range(sigma_lo, sigma_hi, p_mean, p_std);
   TORCH_CHECK_VALUE(range.p_lo != range.p_hi || sigma_lo == sigma_hi,  // σ < 1e-20 or so: no mass in float64
                     "sigma_lo, sigma_hi: expected a range with probability > 0 under the log-normal, got sigma_lo=",
-                    sigma_lo, ", sigma_hi=", sigma_hi);
+                    num(sigma_lo), ", sigma_hi=", num(sigma_hi));
 }
 
 void add_noise_args(const at::Tensor& y, const at::Tensor& sigma, double sigma_data) {
@@ -169,14 +184,14 @@ void edm_loss_backward_args(const at::Tensor& grad, const at::Tensor& F, const a
 static void logits_shape(const at::Tensor& logits) {
   floating("logits", logits);
   TORCH_CHECK_VALUE(logits.dim() == 2 || logits.dim() == 3,
-                    "logits: expected shape [N, C] or [N, T, C], got ", logits.sizes());
+                    "logits: expected shape [N, C] or [N, T, C], got ", shape(logits.sizes()));
 }
 
 static void per_position(const char* name, const at::Tensor& t, const at::Tensor& logits) {
   same_device(name, t, "logits", logits);
   const auto expected = logits.sizes().slice(0, logits.dim() - 1);
-  TORCH_CHECK_VALUE(t.sizes() == expected, name, ": expected shape ", expected,
-                    " (logits without its class dim), got ", t.sizes());
+  TORCH_CHECK_VALUE(t.sizes() == expected, name, ": expected shape ", shape(expected),
+                    " (logits without its class dim), got ", shape(t.sizes()));
 }
 
 static void class_indices(const at::Tensor& target, const at::Tensor& logits) {
@@ -197,7 +212,8 @@ void cross_entropy_args(const at::Tensor& logits, const at::Tensor& target, cons
     const int64_t* t = indices.const_data_ptr<int64_t>();
     bool ok = true;
     for (int64_t i = 0; i < indices.numel(); ++i) ok &= (t[i] >= 0 && t[i] < classes) || t[i] == ignore_index;
-    TORCH_CHECK_VALUE(ok, "target: expected class indices in [0, ", classes, ") or ignore_index = ", ignore_index);
+    TORCH_CHECK_VALUE(ok, "target: expected class indices in [0, ", num(classes), ") or ignore_index = ",
+                      num(ignore_index));
   }
 }
 

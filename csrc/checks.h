@@ -9,6 +9,13 @@
 namespace dbx::check {
 
 std::string dtype_name(c10::ScalarType dtype);
+// Numbers and shapes as message text, written without iostreams: a toolchain that links a
+// private copy of libstdc++ into the module (seen on a GPU machine's g++ wrapper) leaves
+// that copy's number formatting uninitialised, and formatting a double or an int64 with
+// operator<< there crashed the process while it built an error message. Same text as <<.
+std::string num(double value);
+std::string num(int64_t value);
+std::string shape(at::IntArrayRef sizes);
 void floating(const char* name, const at::Tensor& t);
 void batched(const char* name, const at::Tensor& t);
 void same_device(const char* name, const at::Tensor& t, const char* ref_name, const at::Tensor& ref);
