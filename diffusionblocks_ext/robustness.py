@@ -37,11 +37,11 @@ from typing import Callable
 
 import torch
 
-from . import ops, reference
+from . import _checks, ops, reference
 from ._philox import as_int64
 from .reference import P_MEAN, P_STD, SIGMA_DATA, acc_dtype, broadcast_rows
 
-FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+FLOAT_DTYPES = _checks.FLOAT_DTYPES
 ALL_PATHS = ("public", "reference", "dispatcher")
 OUTCOMES = ("correct", "error", "bad_error", "wrong", "crash")
 
@@ -179,7 +179,7 @@ def _state_cases(op):
 
     # Valid inputs: dtypes, shapes, layouts.
     for dtype in FLOAT_DTYPES:
-        add(f"valid {reference.check.dtype_name(dtype)}", dtype=dtype)
+        add(f"valid {_checks.dtype_name(dtype)}", dtype=dtype)
     add("N = 1", n=1)
     add("N = 0", n=0)
     add("N = 0 with 3 trailing dims", n=0, trailing=(2, 3, 4))
@@ -276,7 +276,7 @@ def _state_cases(op):
     for name in data:
         add(f"gradient to {name} only", grad=(name,))
     for dtype in (torch.float64, torch.bfloat16, torch.float16):
-        add(f"gradients to every input, {reference.check.dtype_name(dtype)}", grad=data, dtype=dtype)
+        add(f"gradients to every input, {_checks.dtype_name(dtype)}", grad=data, dtype=dtype)
     add("gradients through expanded inputs", grad=data, layouts={name: "expanded" for name in data})
     add("gradients through transposed inputs", grad=data, trailing=(4, 6),
         layouts={name: "transposed" for name in data})
@@ -304,8 +304,8 @@ def _cross_entropy_cases():
         cases.append(Case(op, name, build, expect, tuple(grad), no_grad, paths, needs_cuda=needs_cuda))
 
     for dtype in FLOAT_DTYPES:
-        add(f"valid [N, C] {reference.check.dtype_name(dtype)}", dtype=dtype, grad=("logits",))
-        add(f"valid [N, T, C] with ignored positions {reference.check.dtype_name(dtype)}", dtype=dtype, t=4,
+        add(f"valid [N, C] {_checks.dtype_name(dtype)}", dtype=dtype, grad=("logits",))
+        add(f"valid [N, T, C] with ignored positions {_checks.dtype_name(dtype)}", dtype=dtype, t=4,
             ignore_every=3, grad=("logits",))
     add("ignore_index = 2 (a valid class)", t=4, ignore_every=2, ignore_index=2, grad=("logits",))
     add("every position ignored", t=3, ignore_every=1, grad=("logits",))
@@ -381,7 +381,7 @@ def _sample_sigma_cases():
         cases.append(Case(op, name, lambda gen, kw=base: dict(kw), expect, (), False, paths, needs_cuda=needs_cuda))
 
     for dtype in FLOAT_DTYPES:
-        add(f"valid {reference.check.dtype_name(dtype)}", dtype=dtype)
+        add(f"valid {_checks.dtype_name(dtype)}", dtype=dtype)
     add("n = 0", n=0)
     add("n = 1", n=1)
     add("n = 5000 (multi-threaded)", n=5000, dtype=torch.float64)
