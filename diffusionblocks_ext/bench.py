@@ -110,16 +110,44 @@ def eager_weighted_cross_entropy(logits, target, w):
 class Timer:
     """Median seconds per call after warm-up: samples until >= min_reps and >= min_time,
     or until max_time has passed with >= 3 samples. On CUDA each sample is a CUDA-event
-    pair around `inner` calls (inner chosen so a sample lasts >= ~1 ms)."""
+    pair around `inner` calls (inner chosen so a sample lasts >= ~1 ms). With graphs=True
+    those `inner` calls are first captured in a CUDA graph and the replay is timed: a call
+    from Python costs ~20 us of host time, more than a 2^22-element kernel runs on a GPU,
+    so timing eager launches measures the host. The graph times what the GPU does, for the
+    composites and for our ops alike; a function that cannot be captured falls back to
+    the launch loop, and `last_method` says which one timed the last call."""
 
-    def __init__(self, device, min_reps=20, min_time=0.2, max_time=2.0, warmup=3):
+    def __init__(self, device, min_reps=20, min_time=0.2, max_time=2.0, warmup=3, graphs=False):
         self.device, self.min_reps, self.min_time, self.max_time = device, min_reps, min_time, max_time
         self.warmup = warmup
         self.cuda = device.type == "cuda"
+        self.graphs = graphs and self.cuda
+        self.last_method = self.capture_error = None
 
     def _sync(self):
         if self.cuda:
             torch.cuda.synchronize(self.device)
+
+    def _capture(self, fn, inner):
+        """A CUDA graph of `inner` calls of fn, or None when fn cannot be captured."""
+        try:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):  # capture wants the work warmed up off the default stream
+                fn()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            self._sync()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(inner):
+                    fn()
+            graph.replay()
+            self._sync()
+            return graph
+        except Exception as error:  # noqa: BLE001 - e.g. a host sync inside fn
+            self.capture_error = _brief(error)
+            self._sync()
+            return None
 
     def __call__(self, fn):
         started = time.perf_counter()
@@ -131,13 +159,19 @@ class Timer:
             if time.perf_counter() - started > 0.3:
                 break
         inner = max(1, min(1000, int(1e-3 / estimate))) if self.cuda else 1
+        self.capture_error = None
+        graph = self._capture(fn, inner) if self.graphs else None
+        self.last_method = "cuda graph" if graph is not None else "cuda events" if self.cuda else "perf_counter"
         samples, started = [], time.perf_counter()
         while True:
             if self.cuda:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
-                for _ in range(inner):
-                    fn()
+                if graph is not None:
+                    graph.replay()
+                else:
+                    for _ in range(inner):
+                        fn()
                 end.record()
                 end.synchronize()
                 samples.append(start.elapsed_time(end) / 1e3 / inner)
@@ -150,6 +184,7 @@ class Timer:
                 break
             if spent >= self.max_time and len(samples) >= 3:
                 break
+        del graph
         self.last_min = min(samples)
         return statistics.median(samples), len(samples) * inner
 
@@ -343,13 +378,17 @@ def run_case(op, numel, args, timer, big_timer, ceiling_gbps):
         row["check_vs_eager"] = _compare(case["check"], ours_out, case["eager"](*inputs), inputs, dtype)
         del ours_out
         row["ours_s"], row["ours_reps"] = t(lambda: ours(*inputs))
-        row["ours_min_s"] = t.last_min
+        row["ours_min_s"], row["ours_timing"] = t.last_min, t.last_method
+        if t.capture_error:
+            row["ours_capture_error"] = t.capture_error
     except Exception as error:  # noqa: BLE001
         row["ours_s"], row["ours_error"] = None, _brief(error)
 
     # --- eager
     row["eager_s"], row["eager_reps"] = t(lambda: case["eager"](*inputs))
-    row["eager_min_s"] = t.last_min
+    row["eager_min_s"], row["eager_timing"] = t.last_min, t.last_method
+    if t.capture_error:
+        row["eager_capture_error"] = t.capture_error
 
     # --- compiled (compile time excluded)
     row["compiled_s"] = None
@@ -363,7 +402,9 @@ def run_case(op, numel, args, timer, big_timer, ceiling_gbps):
                 torch.cuda.synchronize()
             row["compile_s"] = round(time.perf_counter() - t0, 2)
             row["compiled_s"], row["compiled_reps"] = t(lambda: compiled(*inputs))
-            row["compiled_min_s"] = t.last_min
+            row["compiled_min_s"], row["compiled_timing"] = t.last_min, t.last_method
+            if t.capture_error:
+                row["compiled_capture_error"] = t.capture_error
         except Exception as error:  # noqa: BLE001
             row["compile_error"] = _brief(error)
         _reset_compiler()
@@ -512,6 +553,14 @@ def markdown(rows, info, ceiling, device, numel):
     lines.append("|" + "|".join("---" if i < 3 else "---:" for i in range(len(cols))) + "|")
     for cells in table_rows(sel):
         lines.append("| " + " | ".join(str(c) for i, c in enumerate(cells) if i not in (1, 11)) + " |")
+    methods = sorted({r.get(f"{k}_timing") for r in sel for k in ("eager", "compiled", "ours")} - {None})
+    if device.type == "cuda" and methods:
+        lines.append("")
+        lines.append("GPU times: CUDA events around " + (
+            "CUDA-graph replays of back-to-back calls, so host launch overhead is excluded for every "
+            "column" if methods == ["cuda graph"] else
+            f"a mix of methods ({', '.join(methods)}; per row in the JSON)" if "cuda graph" in methods else
+            "launches from Python (host launch overhead included)") + ".")
     if any(r.get("call") == "dispatcher" for r in sel):
         lines.append("")
         lines.append("\\* timed through torch.ops.diffusionblocks.* directly (the public op adds a "
@@ -532,7 +581,10 @@ def write_json(out, args, device, sizes, ops, info, copy_numel, ceiling, copy_s,
                    "min_reps": args.min_reps, "big_min_reps": args.big_min_reps,
                    "min_time_s": args.min_time, "max_time_s": args.max_time,
                    "compile": not args.no_compile,
-                   "timing": "CUDA events, median per call" if device.type == "cuda"
+                   "timing": ("CUDA events around CUDA-graph replays of back-to-back calls (per row: "
+                              "*_timing), median per call" if not args.no_graphs else
+                              "CUDA events around launches from Python, median per call")
+                   if device.type == "cuda"
                    else "time.perf_counter, median per call (min also recorded)",
                    "ours_call": "torch.ops.diffusionblocks.* on inputs validated once (CUDA, "
                                 "checked equal to the public op), public op (CPU)",
@@ -581,6 +633,9 @@ def main(argv=None):
     p.add_argument("--classes", type=int, default=1024, help="C of the [N, C] cross-entropy logits")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
+    p.add_argument("--no-graphs", action="store_true",
+                   help="CUDA: time launches from Python instead of CUDA-graph replays (host-bound "
+                        "for small kernels)")
     p.add_argument("--min-reps", type=int, default=20)
     p.add_argument("--min-time", type=float, default=0.2, help="seconds per measurement at least")
     p.add_argument("--max-time", type=float, default=1.5, help="seconds per measurement at most")
@@ -618,8 +673,11 @@ def main(argv=None):
         pass
     torch.manual_seed(SEED)
 
-    timer = Timer(device, min_reps=args.min_reps, min_time=args.min_time, max_time=args.max_time)
-    big_timer = Timer(device, min_reps=args.big_min_reps, min_time=args.min_time, max_time=args.max_time)
+    graphs = not args.no_graphs
+    timer = Timer(device, min_reps=args.min_reps, min_time=args.min_time, max_time=args.max_time,
+                  graphs=graphs)
+    big_timer = Timer(device, min_reps=args.big_min_reps, min_time=args.min_time, max_time=args.max_time,
+                      graphs=graphs)
     info = machine_info(device)
     started = time.perf_counter()
 

@@ -8,7 +8,7 @@
 #   1. build         -> RESULTS_DIR/build.log        (in place, CUDA kernels for the visible GPU)
 #   2. cross-check   -> RESULTS_DIR/crosscheck.log   (CUDA vs CPU kernel vs reference, same seeds;
 #                                                      plain python, runs with or without pytest)
-#   3. tests         -> RESULTS_DIR/tests.log        (pytest tests with DBX_REQUIRE_EXT=1)
+#   3. op tests      -> RESULTS_DIR/tests.log        (the op tests, DBX_REQUIRE_EXT=1, xdist if present)
 #   4. benchmark     -> RESULTS_DIR/bench_cuda.{json,md,log}
 #   5. summary       -> RESULTS_DIR/summary.md
 #
@@ -294,11 +294,17 @@ run_step "cross-check (cuda vs cpu vs reference)" "$(cap 60 150)" \
     "$RESULTS/crosscheck.log" env DBX_REQUIRE_EXT=1 "$PY" -c "$CROSSCHECK"
 
 # ------------------------------------------------------------------------------ 3. tests
-section "3. test suite (DBX_REQUIRE_EXT=1; CUDA tests run since a GPU is visible)"
+section "3. op tests (DBX_REQUIRE_EXT=1; CUDA tests run since a GPU is visible)"
+# The op tests are the ones with CUDA cases (the trainer runs on the CPU); the CPU-only rest
+# of the suite is CI's job. pytest-xdist spreads them over the cores when it is installed.
+OP_TESTS=(tests/test_ops.py tests/test_noise.py tests/test_bad_inputs.py tests/test_dispatcher.py
+          tests/test_constants.py tests/test_errors.py)
+XDIST=()
+"$PY" -c "import xdist" 2>/dev/null && XDIST=(-n "$(( $(nproc) < 8 ? $(nproc) : 8 ))")
 if [ "$HAVE_PYTEST" -eq 1 ]; then
-    run_step "pytest tests" "$(cap 150 90)" "$RESULTS/tests.log" \
-        env DBX_REQUIRE_EXT=1 "$PY" -m pytest tests -q -rfEs --maxfail=10 -p no:cacheprovider \
-        --durations=10
+    run_step "pytest op tests" "$(cap 150 90)" "$RESULTS/tests.log" \
+        env DBX_REQUIRE_EXT=1 "$PY" -m pytest "${OP_TESTS[@]}" "${XDIST[@]}" -q -rfE --maxfail=10 \
+        -p no:cacheprovider --durations=10
 else
     echo "pytest is not installed: only the cross-check (step 2) ran" | tee "$RESULTS/tests.log"
     STATUS_LINES+=("| pytest tests | NOT RUN (pytest missing; see cross-check) | 0 | tests.log |")
