@@ -8,7 +8,10 @@ own generator, train.py) and runs only the steps of the blocks it owns:
 - P <= B: rank r owns blocks {b : b mod P = r}.
 - P > B (P a multiple of B): the ranks {r : r mod B = b} are data-parallel replicas of
   block b; each takes its share of the step's batch and their gradients are averaged
-  within the block's group (what DDP does, done directly on the gradients).
+  within the block's group: one all_reduce of the flattened gradients per step, what
+  DDP's bucketed reducer does. DDP itself would need every block's forward to go
+  through one wrapped module; a block here is a slice of the model's layers plus the
+  shared modules, driven by the task.
 Shared modules: with `shared=per-block` each block has its own copy and no rank ever
 talks to another while training (the result equals the serial per-block run bit for bit
 on CPU); with `shared=global` every rank trains its own copy of the one set and the
@@ -19,8 +22,21 @@ log records into one ordinary checkpoint, which `--resume` (on every rank), `eva
 
 import torch
 import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from .errors import ConfigError
+
+
+def _average(tensors: list[torch.Tensor], count: int, group) -> None:
+    """In place: the mean over the group's ranks, in one all_reduce of one flat buffer (as
+    DDP buckets its gradients) rather than one collective per tensor."""
+    if not tensors:
+        return
+    flat = _flatten_dense_tensors(tensors)
+    dist.all_reduce(flat, group=group)
+    flat /= count
+    for tensor, mean in zip(tensors, _unflatten_dense_tensors(flat, tensors)):
+        tensor.copy_(mean)
 
 
 class BlockParallel:
@@ -64,16 +80,12 @@ class BlockParallel:
 
     def average_gradients(self, block: int, params: list[torch.nn.Parameter]) -> None:
         if self.replicas > 1:
-            for p in params:
-                dist.all_reduce(p.grad, group=self.groups[block])
-                p.grad /= self.replicas
+            _average([p.grad for p in params], self.replicas, self.groups[block])
 
     def maybe_sync_shared(self, step: int, shared: list[torch.nn.Parameter]) -> None:
         """Average the global shared modules over all ranks every K steps."""
         if self.shared_global and step % self.sync_every == 0:
-            for p in shared:
-                dist.all_reduce(p.data)
-                p.data /= self.world
+            _average([p.data for p in shared], self.world, None)
 
     def gather(self, trainer, records: list[dict]) -> list[dict] | None:
         """Rank 0 receives every rank's blocks, optimizer states, counter increments and log
