@@ -4,13 +4,16 @@
 // group e/4, so the noise does not depend on the thread count or on the chunking.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <tuple>
+#include <type_traits>
 
 #if defined(CPU_CAPABILITY_AVX2) && defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -32,6 +35,15 @@ using at::Tensor;
 
 // ---------------------------------------------------------------- sample_sigma_
 
+#ifdef DBX_PHILOX_AVX2
+// σ of draws [i, i + 32) into out (defined below): the Philox words of 32 groups at once
+// (philox_x8), their uniforms, and Φ⁻¹ on 4 float64 lanes. Every lane evaluates all three of
+// AS 241's ranges and keeps its own (blend), as truncated_lognormal picks it by branch;
+// log/sqrt/exp are SLEEF's (1 ulp), so values match the scalar path to a few ulp.
+template <typename scalar_t>
+void block_sigmas(uint64_t i, uint64_t offset, uint64_t seed, const dbx::LognormalRange& range, scalar_t* out);
+#endif
+
 void sample_sigma_(Tensor& out, double sigma_lo, double sigma_hi, int64_t seed, int64_t offset, double p_mean,
                    double p_std) {
   check::sample_sigma_args(out, sigma_lo, sigma_hi, p_mean, p_std);
@@ -43,7 +55,11 @@ void sample_sigma_(Tensor& out, double sigma_lo, double sigma_hi, int64_t seed, 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "sample_sigma_cpu", [&] {
     scalar_t* op = dst.data_ptr<scalar_t>();
     at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
+      int64_t i = begin;
+#ifdef DBX_PHILOX_AVX2
+      for (; i + 32 <= end; i += 32) block_sigmas(static_cast<uint64_t>(i), off, key, range, op + i);
+#endif
+      for (; i < end; ++i) {
         const U32x4 r = dbx::philox4x32_10(static_cast<uint64_t>(i), off, key);
         const double u = dbx::uniform53(r.x[0], r.x[1]);
         op[i] = static_cast<scalar_t>(dbx::truncated_lognormal(u, range));
@@ -114,6 +130,48 @@ inline PhiloxX8 philox_x8(uint64_t g, uint64_t offset, uint64_t seed) {
     k1 += dbx::kPhiloxWeyl1;
   }
   return p;
+}
+
+template <typename scalar_t>
+void block_sigmas(uint64_t i, uint64_t offset, uint64_t seed, const dbx::LognormalRange& range, scalar_t* out) {
+  using VecD = at::vec::Vectorized<double>;
+  const PhiloxX8 p = philox_x8(i, offset, seed);
+  const VecD p_lo(range.p_lo), width(range.p_hi - range.p_lo), half(0.5), one(1.0), zero(0.0);
+  const VecD s(range.s), mean(range.p_mean), std_(range.p_std), lo(range.sigma_lo), hi(range.sigma_hi);
+  const VecD inf(std::numeric_limits<double>::infinity());
+  for (int v = 0; v < kLanes; ++v) {
+    // dbx::uniform53 of words 0 and 1, 8 lanes as two halves of 4: exact in float64.
+    const __m256i a = _mm256_srli_epi32(p.c[0][v], 5), b = _mm256_srli_epi32(p.c[1][v], 6);
+    for (int h = 0; h < 2; ++h) {
+      const __m128i a4 = h ? _mm256_extracti128_si256(a, 1) : _mm256_castsi256_si128(a);
+      const __m128i b4 = h ? _mm256_extracti128_si256(b, 1) : _mm256_castsi256_si128(b);
+      const VecD bits = VecD(_mm256_cvtepi32_pd(a4)) * VecD(67108864.0) + VecD(_mm256_cvtepi32_pd(b4));
+      const VecD u = (bits + half) * VecD(1.1102230246251565e-16);
+      // dbx::truncated_lognormal, with normal_icdf's branches as blends.
+      const VecD pr = p_lo + u * width, q = pr - half;
+      VecD x = dbx::normal_icdf_central(q);
+      const VecD in_tail = q.abs() > VecD(0.425);
+      if (_mm256_movemask_pd(in_tail)) {  // about half the vectors have no tail lane: skip
+        const VecD below = q < zero;      // all-ones lanes where q < 0
+        const VecD r = (VecD::blendv(one - pr, pr, below)).log().neg().sqrt();
+        const VecD far = r > VecD(5.0);   // p within ~1e-11 of an end: hardly ever
+        VecD tail = dbx::normal_icdf_tail_near(r);
+        if (_mm256_movemask_pd(far)) tail = VecD::blendv(tail, dbx::normal_icdf_tail_far(r), far);
+        x = VecD::blendv(x, VecD::blendv(tail, tail.neg(), below), in_tail);
+      }
+      x = VecD::blendv(x, inf.neg(), pr <= zero);
+      x = VecD::blendv(x, inf, pr >= one);
+      const VecD sigma = at::vec::minimum(at::vec::maximum((mean + std_ * (s * x)).exp(), lo), hi);
+      scalar_t* dst = out + 8 * v + 4 * h;
+      if constexpr (std::is_same_v<scalar_t, double>) {
+        sigma.store(dst);
+      } else {
+        alignas(32) double tmp[4];
+        sigma.store(tmp);
+        for (int k = 0; k < 4; ++k) dst[k] = static_cast<scalar_t>(tmp[k]);
+      }
+    }
+  }
 }
 
 void block_normals(uint64_t g, int64_t count, uint64_t offset, uint64_t seed, float* out) {
