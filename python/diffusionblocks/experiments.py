@@ -100,6 +100,26 @@ def markdown(rows: list[dict], header: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def sweep(args, settings, seeds: dict[str, list[int]], first: tuple[str, ...], threads: int):
+    """Every (setting, seed) through run_one in a pool of args.jobs processes, the `first`
+    settings first; returns the reports by setting and a record of the machine and load."""
+    load_before = os.getloadavg()
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        order = sorted(settings, key=lambda s: s[0] not in first)
+        futures = {(name, seed): pool.submit(run_one, args.preset, name, overrides, seed, str(args.out), threads,
+                                             args.set)
+                   for name, overrides in order for seed in seeds[name]}
+        results = {name: [futures[(name, seed)].result() for seed in seeds[name]] for name, _ in settings}
+    reports = [r for runs in results.values() for r in runs]
+    executed = sum(not r.pop("reused", False) for r in reports)
+    machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "jobs": args.jobs,
+               "runs_executed_now": executed, "runs_reused": len(reports) - executed,
+               "torch_threads_per_run": sorted({r["threads"] for r in reports}),
+               "load_average_before": load_before, "load_average_after": os.getloadavg(),
+               "backend": reports[0]["backend"], "torch": reports[0]["torch"]}
+    return results, machine
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m diffusionblocks.experiments", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -114,27 +134,17 @@ def main(argv=None):
     threads = args.threads or (1 if args.jobs > 1 else 0)
     settings = [s for s in SETTINGS if not args.only or s[0] in args.only]
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    load_before = os.getloadavg()
-    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        # The headline pair (e2e, B=3) first, so a sweep cut short still answers the main question.
-        order = sorted(settings, key=lambda s: s[0] not in ("e2e", "blocks B=3"))
-        futures = {(name, seed): pool.submit(run_one, args.preset, name, overrides, seed, args.out, threads, args.set)
-                   for name, overrides in order for seed in args.seeds}
-        results = {name: [futures[(name, seed)].result() for seed in args.seeds] for name, _ in settings}
-    reports = [r for runs in results.values() for r in runs]
-    executed = sum(not r.pop("reused", False) for r in reports)
-    machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "jobs": args.jobs,
-               "runs_executed_now": executed, "runs_reused": len(reports) - executed,
-               "torch_threads_per_run": sorted({r["threads"] for r in reports}),
-               "load_average_before": load_before, "load_average_after": os.getloadavg(),
-               "backend": reports[0]["backend"], "torch": reports[0]["torch"]}
+    # The headline pair (e2e, B=3) first, so a sweep cut short still answers the main question.
+    results, machine = sweep(args, settings, {name: args.seeds for name, _ in settings},
+                             ("e2e", "blocks B=3"), threads)
+    executed, load_before = machine["runs_executed_now"], machine["load_average_before"]
     (Path(args.out) / "results.json").write_text(json.dumps({"machine": machine, "preset": args.preset,
                                                              "overrides": args.set, "runs": results}, indent=2) + "\n")
     if all(name in results for name, _ in SETTINGS):
         header = (f"Preset `{args.preset}` {' '.join(args.set)}, seeds {args.seeds}; {machine['cpus']} CPUs, "
                   f"torch threads per run {machine['torch_threads_per_run']}, backend {machine['backend']}, "
                   f"torch {machine['torch']}. This invocation ran {executed} run(s), {args.jobs} at a time, and "
-                  f"reused {len(reports) - executed} finished earlier; load average before/after "
+                  f"reused {machine['runs_reused']} finished earlier; load average before/after "
                   f"{load_before[0]:.1f}/{machine['load_average_after'][0]:.1f}.")
         rows = summarize(results)
         table = markdown(rows, header)

@@ -13,19 +13,16 @@ distances are comparable across rows. Finished runs (a report.json) are reused."
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
 
 from . import data, evaluator
 from .dit import EVAL_SEED
-from .experiments import mean_std, run_one, slug
+from .experiments import mean_std, slug, sweep
 
 PRESET = "dit-digits"
 HEADLINE = ("e2e", "blocks B=3")
@@ -200,19 +197,8 @@ def main(argv=None):
     seed_evaluator(out, [run_dir(out, name, seed) for name, _ in settings for seed in seeds[name]])
     from . import train  # noqa: F401  (imported before the workers fork: one code version for the sweep)
 
-    load_before = os.getloadavg()
-    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        order = sorted(settings, key=lambda s: s[0] not in HEADLINE)  # the headline pair first
-        futures = {(name, seed): pool.submit(run_one, args.preset, name, overrides, seed, str(out), threads, args.set)
-                   for name, overrides in order for seed in seeds[name]}
-        results = {name: [futures[(name, seed)].result() for seed in seeds[name]] for name, _ in settings}
-    reports = [r for runs in results.values() for r in runs]
-    executed = sum(not r.pop("reused", False) for r in reports)
-    machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "jobs": args.jobs,
-               "runs_executed_now": executed, "runs_reused": len(reports) - executed,
-               "torch_threads_per_run": sorted({r["threads"] for r in reports}),
-               "load_average_before": load_before, "load_average_after": os.getloadavg(),
-               "backend": reports[0]["backend"], "torch": reports[0]["torch"]}
+    results, machine = sweep(args, settings, seeds, HEADLINE, threads)  # the headline pair first
+    executed, load_before = machine["runs_executed_now"], machine["load_average_before"]
     payload = {"machine": machine, "preset": args.preset, "overrides": args.set, "runs": results}
     if all(name in results for name in HEADLINE):
         payload["headline"] = headline_analysis(out, seeds[HEADLINE[1]])
@@ -222,7 +208,7 @@ def main(argv=None):
                   f"{seeds[HEADLINE[1]]}); {machine['cpus']} CPUs, "
                   f"torch threads per run {machine['torch_threads_per_run']}, backend {machine['backend']}, "
                   f"torch {machine['torch']}. This invocation ran {executed} run(s), {args.jobs} at a time, and "
-                  f"reused {len(reports) - executed}; load average before/after "
+                  f"reused {machine['runs_reused']}; load average before/after "
                   f"{load_before[0]:.1f}/{machine['load_average_after'][0]:.1f} (a shared machine: wall times "
                   f"are inflated by other jobs).")
         rows = summarize(results)
