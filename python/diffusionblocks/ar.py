@@ -44,7 +44,7 @@ from torch import nn
 import diffusionblocks_ext as dx
 
 from . import sampler, schedule, text
-from .errors import ConfigError
+from .errors import ConfigError, raise_first
 from .layers import AdaptiveNorm, SigmaEmbedder
 from .llama import LlamaLayer, RMSNorm, rotary_tables
 from .task import SampleRequest
@@ -93,12 +93,6 @@ def check_text_options(options, config) -> list[tuple[bool, str]]:
          f"model.inference_schedule: expected one of {', '.join(schedule.INFERENCE_SCHEDULES)}, "
          f"got {options.inference_schedule!r}"),
     ]
-
-
-def raise_first(problems: list[tuple[bool, str]]) -> None:
-    for ok, message in problems:
-        if not ok:
-            raise ConfigError(message)
 
 
 class LayerCallCounter:
@@ -176,6 +170,10 @@ class CharacterLM:
         return logits.softmax(dim=-1) @ embedding
 
     # --- evaluation -------------------------------------------------------------------------
+    def evaluate(self, plan, mode):
+        ce, accuracy = self.window_metrics(plan, mode)
+        return {"test_ce": ce, "test_accuracy": accuracy}
+
     @torch.no_grad()
     def window_metrics(self, plan, mode, **kwargs) -> tuple[float, float]:
         """(cross-entropy in nats per character, accuracy) of the validation windows."""
@@ -414,10 +412,6 @@ class AutoregressiveLM(CharacterLM):
             return self.end_to_end(context)[:, -1]
         placeholder = torch.zeros(len(context), 1, dtype=context.dtype)  # hidden from the noisy token
         return self.chain(plan, torch.cat([context, placeholder], dim=1), 1, generator, steps)[:, -1]
-
-    def evaluate(self, plan, mode):
-        ce, accuracy = self.window_metrics(plan, mode)
-        return {"test_ce": ce, "test_accuracy": accuracy}
 
     def finish(self, plan, mode, out_dir):
         metrics = {}

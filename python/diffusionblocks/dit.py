@@ -31,7 +31,7 @@ from torch import nn
 import diffusionblocks_ext as dx
 
 from . import data, evaluator, sampler, schedule
-from .errors import ConfigError
+from .errors import ConfigError, layer_stack_problems, raise_first
 from .layers import AdaptiveNorm, SigmaEmbedder, TransformerLayer
 from .vit import patchify
 
@@ -58,11 +58,7 @@ class DiTConfig:
     def check(self, config) -> None:
         """Raises ConfigError naming the first bad field (config: the whole TrainConfig)."""
         classes = 10
-        problems = [
-            (self.layers >= 1, f"model.layers: expected at least 1, got {self.layers}"),
-            (self.width >= 1 and self.heads >= 1 and self.width % self.heads == 0,
-             f"model.width: expected a positive multiple of model.heads={self.heads}, got {self.width}"),
-            (self.mlp_ratio >= 1, f"model.mlp_ratio: expected at least 1, got {self.mlp_ratio}"),
+        problems = layer_stack_problems(self) + [
             (self.patch_size >= 1 and data.IMAGE_SIZE % self.patch_size == 0,
              f"model.patch_size: expected a divisor of the image size {data.IMAGE_SIZE}, got {self.patch_size}"),
             (0 <= self.label_dropout < 1, f"model.label_dropout: expected in [0, 1), got {self.label_dropout:g}"),
@@ -81,9 +77,7 @@ class DiTConfig:
             (1 <= config.batch_size <= data.TRAIN_SIZE,
              f"batch_size: expected 1..{data.TRAIN_SIZE} (the training set), got {config.batch_size}"),
         ]
-        for ok, message in problems:
-            if not ok:
-                raise ConfigError(message)
+        raise_first(problems)
 
 
 def unpatchify(tokens: torch.Tensor, patch: int, channels: int, size: int) -> torch.Tensor:

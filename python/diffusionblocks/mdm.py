@@ -58,7 +58,7 @@ from torch import nn
 import diffusionblocks_ext as dx
 
 from . import text
-from .errors import ConfigError
+from .errors import ConfigError, layer_stack_problems, raise_first
 from .layers import AdaptiveNorm, Attention, TransformerLayer, sinusoidal_embedding
 from .task import SampleRequest
 
@@ -150,17 +150,13 @@ class MDMConfig:
 
     def check(self, config) -> None:
         """Raises ConfigError naming the first bad field (config: the whole TrainConfig)."""
-        problems = [
+        problems = layer_stack_problems(self) + [
             (not self.data or Path(self.data).is_file(), f"model.data: no such file {self.data!r}"),
             (self.seq_len >= 2, f"model.seq_len: expected at least 2, got {self.seq_len}"),
-            (self.layers >= 1, f"model.layers: expected at least 1, got {self.layers}"),
-            (self.width >= 1 and self.heads >= 1 and self.width % self.heads == 0,
-             f"model.width: expected a positive multiple of model.heads={self.heads}, got {self.width}"),
             (self.positions in ("rotary", "learned"),
              f"model.positions: expected 'rotary' or 'learned', got {self.positions!r}"),
             (self.positions != "rotary" or (self.width // max(self.heads, 1)) % 2 == 0,
              f"model.width: rotary positions need an even head size, got {self.width}/{self.heads} heads"),
-            (self.mlp_ratio >= 1, f"model.mlp_ratio: expected at least 1, got {self.mlp_ratio}"),
             (self.eval_windows >= 1, f"model.eval_windows: expected at least 1, got {self.eval_windows}"),
             (self.eval_t_samples >= 1, f"model.eval_t_samples: expected at least 1, got {self.eval_t_samples}"),
             (self.sample_count >= 0, f"model.sample_count: expected >= 0, got {self.sample_count}"),
@@ -169,9 +165,7 @@ class MDMConfig:
             (config.partition == "equi", f"partition: the masked-diffusion task cuts t equally in α "
                                          f"(partition=equi), got {config.partition!r}"),
         ]
-        for ok, message in problems:
-            if not ok:
-                raise ConfigError(message)
+        raise_first(problems)
 
 
 class TimeEmbedder(nn.Module):

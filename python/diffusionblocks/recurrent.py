@@ -42,7 +42,8 @@ from torch import nn
 import diffusionblocks_ext as dx
 
 from . import sampler, schedule
-from .ar import CharacterLM, check_text_options, raise_first
+from .ar import CharacterLM, check_text_options
+from .errors import raise_first
 from .layers import AdaptiveNorm, SigmaEmbedder
 from .llama import LlamaLayer, RMSNorm, rotary_tables
 
@@ -240,10 +241,6 @@ class RecurrentDepthLM(CharacterLM):
 
     def next_logits(self, context, plan, mode, generator, steps=None):
         return self.logits(context, plan, mode, steps or self.options.recurrence, generator)[:, -1]
-
-    def evaluate(self, plan, mode):
-        ce, accuracy = self.window_metrics(plan, mode)
-        return {"test_ce": ce, "test_accuracy": accuracy}
 
     def finish(self, plan, mode, out_dir):
         metrics = {}

@@ -33,7 +33,7 @@ from torch import nn
 import diffusionblocks_ext as dx
 
 from . import data, sampler, schedule
-from .errors import ConfigError
+from .errors import layer_stack_problems, raise_first
 from .layers import AdaptiveNorm, SigmaEmbedder, TransformerLayer
 
 EVAL_SEED = 0  # the sampler's starting noise at evaluation; fixed so evaluation is repeatable
@@ -54,11 +54,7 @@ class ViTConfig:
 
     def check(self, config) -> None:
         """Raises ConfigError naming the first bad field (config: the whole TrainConfig)."""
-        problems = [
-            (self.layers >= 1, f"model.layers: expected at least 1, got {self.layers}"),
-            (self.width >= 1 and self.heads >= 1 and self.width % self.heads == 0,
-             f"model.width: expected a positive multiple of model.heads={self.heads}, got {self.width}"),
-            (self.mlp_ratio >= 1, f"model.mlp_ratio: expected at least 1, got {self.mlp_ratio}"),
+        problems = layer_stack_problems(self) + [
             (self.patch_size >= 1 and data.IMAGE_SIZE % self.patch_size == 0,
              f"model.patch_size: expected a divisor of the image size {data.IMAGE_SIZE}, got {self.patch_size}"),
             (self.max_shift >= 0, f"model.max_shift: expected >= 0, got {self.max_shift}"),
@@ -70,9 +66,7 @@ class ViTConfig:
             (1 <= config.batch_size <= data.TRAIN_SIZE,
              f"batch_size: expected 1..{data.TRAIN_SIZE} (the training set), got {config.batch_size}"),
         ]
-        for ok, message in problems:
-            if not ok:
-                raise ConfigError(message)
+        raise_first(problems)
 
 
 def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
