@@ -34,3 +34,22 @@ def rand_sigma(n, device="cpu", generator=None, low=0.002, high=80.0, dtype=torc
     u = torch.rand(n, dtype=torch.float64, generator=generator)
     return torch.exp(torch.log(torch.tensor(low)) + u * (torch.log(torch.tensor(high / low)))).to(
         dtype).to(device)
+
+
+def whole_and_resumed(config, tmp_path, stop_after):
+    """A run straight through, and the same run stopped after `stop_after` steps and resumed
+    from its checkpoint: (whole, resumed) trainers, both finished."""
+    from diffusionblocks.train import Trainer
+
+    whole = Trainer(config, tmp_path / "whole")
+    whole.run()
+    assert Trainer(config, tmp_path / "part").run(stop_after=stop_after) is None
+    resumed = Trainer(config, tmp_path / "part")
+    resumed.run(resume=True)
+    return whole, resumed
+
+
+def assert_same_model_state(a, b):
+    """Every tensor of the two trainers' model state dicts equal, bit for bit."""
+    for (name, x), y in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        assert torch.equal(x, y), name

@@ -12,6 +12,8 @@ from diffusionblocks.ar import two_stream_mask
 from diffusionblocks.errors import ConfigError
 from diffusionblocks.train import Trainer
 
+from conftest import assert_same_model_state, whole_and_resumed
+
 SHARED = ("token_embed.", "target_embed", "noisy_embed", "sigma_embed.", "final_norm.", "head_norm.", "head.")
 
 
@@ -181,11 +183,5 @@ def test_config_errors_name_the_field():
 
 def test_an_interrupted_run_resumes_bit_exactly(tmp_path):
     config = tiny(e2e_steps=3, checkpoint_every=2)  # 6 block steps, checkpoints at 2, 4, 6
-    whole = Trainer(config, tmp_path / "whole")
-    whole.run()
-    part = tmp_path / "part"
-    assert Trainer(config, part).run(stop_after=4) is None
-    resumed = Trainer(config, part)
-    resumed.run(resume=True)
-    for (name, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
-        assert torch.equal(a, b), name
+    whole, resumed = whole_and_resumed(config, tmp_path, stop_after=4)
+    assert_same_model_state(whole, resumed)

@@ -8,6 +8,8 @@ import torch
 from diffusionblocks import config as C
 from diffusionblocks.train import Trainer
 
+from conftest import whole_and_resumed
+
 
 def tiny(**changes) -> C.TrainConfig:
     config = C.preset("vit-digits-tiny")
@@ -98,11 +100,7 @@ def test_per_block_shared_copies_train_and_run_only_with_their_block(tmp_path):
 
 
 def test_per_block_shared_copies_resume_bit_identically(tmp_path):
-    whole = Trainer(tiny(shared="per-block"), tmp_path / "whole")
-    whole.run()
-    assert Trainer(tiny(shared="per-block"), tmp_path / "parts").run(stop_after=9) is None
-    parts = Trainer(tiny(shared="per-block"), tmp_path / "parts")
-    parts.run(resume=True)
+    whole, parts = whole_and_resumed(tiny(shared="per-block"), tmp_path, stop_after=9)
     for a, b in zip(whole.shared_copies.copies, parts.shared_copies.copies):
         assert all(torch.equal(a[n], b[n]) for n in a)
     assert all(torch.equal(p, q) for p, q in zip(whole.model.layers.parameters(), parts.model.layers.parameters()))

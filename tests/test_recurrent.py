@@ -13,6 +13,8 @@ from diffusionblocks.errors import ConfigError
 from diffusionblocks.memory import SavedActivations
 from diffusionblocks.train import Trainer
 
+from conftest import assert_same_model_state, whole_and_resumed
+
 
 def tiny(**changes) -> C.TrainConfig:
     config = C.preset("recurrent-text-tiny")
@@ -135,12 +137,6 @@ def test_block_wise_means_one_denoiser():
 
 def test_the_baseline_resumes_bit_exactly(tmp_path):
     config = tiny(mode="e2e", e2e_steps=5, checkpoint_every=2)  # K drawn per step from the step's generator
-    whole = Trainer(config, tmp_path / "whole")
-    whole.run()
-    part = tmp_path / "part"
-    assert Trainer(config, part).run(stop_after=2) is None
-    resumed = Trainer(config, part)
-    resumed.run(resume=True)
-    for (name, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
-        assert torch.equal(a, b), name
+    whole, resumed = whole_and_resumed(config, tmp_path, stop_after=2)
+    assert_same_model_state(whole, resumed)
     assert resumed.counters["train_layer_evals"] == whole.counters["train_layer_evals"]

@@ -12,6 +12,8 @@ from diffusionblocks import data
 from diffusionblocks.logs import MetricsLog
 from diffusionblocks.train import Trainer
 
+from conftest import assert_same_model_state, whole_and_resumed
+
 SHARED = ("patch_embed.", "pos_embed", "cls_token", "label_type", "label_embed", "sigma_embed.", "final_norm.",
           "head_norm.", "head.")
 
@@ -143,13 +145,8 @@ def test_interrupted_and_resumed_run_is_bit_identical(tmp_path):
 
 def test_stop_after_then_resume_matches_too(tmp_path):
     config = tiny(e2e_steps=6, block_schedule="sequential")
-    a = Trainer(config, tmp_path / "a")
-    a.run()
-    assert Trainer(config, tmp_path / "b").run(stop_after=7) is None
-    b = Trainer(config, tmp_path / "b")
-    b.run(resume=True)
-    for (name, p), q in zip(a.model.named_parameters(), b.model.parameters()):
-        assert torch.equal(p, q), name
+    whole, resumed = whole_and_resumed(config, tmp_path, stop_after=7)
+    assert_same_model_state(whole, resumed)
 
 
 @pytest.mark.parametrize("schedule, expected", [
