@@ -53,3 +53,15 @@ def assert_same_model_state(a, b):
     """Every tensor of the two trainers' model state dicts equal, bit for bit."""
     for (name, x), y in zip(a.model.state_dict().items(), b.model.state_dict().values()):
         assert torch.equal(x, y), name
+
+
+def tiny_config(preset, **changes):
+    """The preset's TrainConfig without the progress bar, with changes applied to the task's
+    options (`model.*`) where they name one of its fields, else to the config itself."""
+    from diffusionblocks import config as C
+
+    config = C.preset(preset)
+    config.progress = False
+    for name, value in changes.items():
+        setattr(config.model if hasattr(config.model, name) else config, name, value)
+    return config

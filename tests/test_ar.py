@@ -12,17 +12,13 @@ from diffusionblocks.ar import two_stream_mask
 from diffusionblocks.errors import ConfigError
 from diffusionblocks.train import Trainer
 
-from conftest import assert_same_model_state, whole_and_resumed
+from conftest import tiny_config, assert_same_model_state, whole_and_resumed
 
 SHARED = ("token_embed.", "target_embed", "noisy_embed", "sigma_embed.", "final_norm.", "head_norm.", "head.")
 
 
 def tiny(**changes) -> C.TrainConfig:
-    config = C.preset("ar-text-tiny")
-    config.progress = False
-    for name, value in changes.items():
-        setattr(config.model if hasattr(config.model, name) else config, name, value)
-    return config
+    return tiny_config("ar-text-tiny", **changes)
 
 
 def scrambled(trainer: Trainer) -> Trainer:

@@ -16,16 +16,14 @@ from diffusionblocks.partition import BlockPartition
 from diffusionblocks.task import SampleRequest
 from diffusionblocks.train import Trainer
 
+from conftest import tiny_config
+
 SHARED = ("token_embed.", "pos_embed", "time_embed.", "head_norm.", "head.")
 TOY_P = torch.tensor([0.5, 0.25, 0.15, 0.1])  # i.i.d. characters "abcd" with these probabilities
 
 
 def tiny(**changes) -> C.TrainConfig:
-    config = C.preset("mdm-text-tiny")
-    config.progress = False
-    for name, value in changes.items():
-        setattr(config.model if hasattr(config.model, name) else config, name, value)
-    return config
+    return tiny_config("mdm-text-tiny", **changes)
 
 
 @pytest.fixture(scope="module")

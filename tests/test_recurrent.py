@@ -13,15 +13,11 @@ from diffusionblocks.errors import ConfigError
 from diffusionblocks.memory import SavedActivations
 from diffusionblocks.train import Trainer
 
-from conftest import assert_same_model_state, whole_and_resumed
+from conftest import tiny_config, assert_same_model_state, whole_and_resumed
 
 
 def tiny(**changes) -> C.TrainConfig:
-    config = C.preset("recurrent-text-tiny")
-    config.progress = False
-    for name, value in changes.items():
-        setattr(config.model if hasattr(config.model, name) else config, name, value)
-    return config
+    return tiny_config("recurrent-text-tiny", **changes)
 
 
 def layer_calls(trainer: Trainer) -> list[int]:

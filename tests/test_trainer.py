@@ -12,18 +12,14 @@ from diffusionblocks import data
 from diffusionblocks.logs import MetricsLog
 from diffusionblocks.train import Trainer
 
-from conftest import assert_same_model_state, whole_and_resumed
+from conftest import tiny_config, assert_same_model_state, whole_and_resumed
 
 SHARED = ("patch_embed.", "pos_embed", "cls_token", "label_type", "label_embed", "sigma_embed.", "final_norm.",
           "head_norm.", "head.")
 
 
 def tiny(**changes) -> C.TrainConfig:
-    config = C.preset("vit-digits-tiny")
-    config.progress = False
-    for name, value in changes.items():
-        setattr(config.model if hasattr(config.model, name) else config, name, value)
-    return config
+    return tiny_config("vit-digits-tiny", **changes)
 
 
 def record_layer_calls(trainer: Trainer) -> list[int]:
