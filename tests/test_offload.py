@@ -1,11 +1,12 @@
-"""Offloading inactive blocks to memory-mapped files changes where the data live, never
-the result; steps_per_swap groups a block's steps; activation checkpointing keeps
-results and cuts saved activations."""
+"""Offloading inactive blocks (to memory-mapped files on the CPU, to host memory from a
+GPU) changes where the data live, never the result; steps_per_swap groups a block's
+steps; activation checkpointing keeps results and cuts saved activations."""
 
 import pytest
 import torch
 
 from diffusionblocks import config as C
+from diffusionblocks.offload import STATE_KEYS, HostOffload
 from diffusionblocks.train import Trainer
 
 from conftest import whole_and_resumed
@@ -62,9 +63,80 @@ def test_activation_checkpointing_gives_the_same_step_with_fewer_saved_bytes(tmp
     assert saved[True] < 0.6 * saved[False]
 
 
-def test_offload_cpu_is_refused_on_a_cpu_trainer():
-    with pytest.raises(C.ConfigError, match="^offload: cpu moves inactive blocks from a GPU"):
+def host_offloaded(config, out) -> Trainer:
+    """A CPU trainer whose blocks swap through HostOffload exactly as they would on a GPU;
+    the "device" copies are CPU copies here, so the bookkeeping runs without a GPU."""
+    trainer = Trainer(config, out)
+    trainer.offload = HostOffload(trainer.model, trainer.plan, trainer.optimizers, torch.device("cpu"))
+    return trainer
+
+
+def snapshot(trainer) -> dict:
+    """Every block parameter and AdamW moment, copied."""
+    values = {}
+    for block, params in enumerate(trainer.offload.params):
+        state = trainer.optimizers[f"block{block}"].state
+        for i, p in enumerate(params):
+            values[(block, i)] = p.detach().clone()
+            values.update({(block, i, key): state[p][key].clone() for key in STATE_KEYS if key in state.get(p, {})})
+    return values
+
+
+def assert_only_active_block_off_host(trainer) -> None:
+    offload = trainer.offload
+    for block, params in enumerate(offload.params):
+        state = trainer.optimizers[f"block{block}"].state
+        for p in params:
+            tensors = {"param": p.data} | {key: state[p][key] for key in STATE_KEYS if key in state.get(p, {})}
+            for key, tensor in tensors.items():
+                on_host = tensor.data_ptr() == offload.buffers[(id(p), key)].data_ptr()
+                assert on_host == (block != offload.active), (block, key)
+
+
+@pytest.mark.parametrize("schedule", ["random", "round-robin"])
+def test_host_offload_trains_bit_identically_and_resumes(tmp_path, schedule):
+    plain = Trainer(tiny(block_schedule=schedule), tmp_path / "plain")
+    expected_report = plain.run()
+    assert host_offloaded(tiny(block_schedule=schedule), tmp_path / "host").run(stop_after=7) is None
+    resumed = host_offloaded(tiny(block_schedule=schedule), tmp_path / "host")
+    report = resumed.run(resume=True)
+    expected = weights(plain)
+    assert all(torch.equal(p, expected[n]) for n, p in resumed.model.named_parameters())
+    assert report["metrics"] == expected_report["metrics"]
+    assert resumed.offload.active is not None
+    assert_only_active_block_off_host(resumed)
+
+
+def test_host_offload_round_trips_leave_weights_and_moments_bit_identical(tmp_path):
+    trainer = host_offloaded(tiny(e2e_steps=4), tmp_path)
+    for step in range(6):
+        trainer.train_step(step)
+    before = snapshot(trainer)
+    assert any(len(key) == 3 for key in before)  # moments exist
+    for block in [1, 0, 1, 1, 0]:
+        trainer.plan.enter(block)
+        assert_only_active_block_off_host(trainer)
+    after = snapshot(trainer)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_offload_must_match_the_device():
+    with pytest.raises(C.ConfigError, match="^offload: cpu moves inactive blocks from the GPU to host memory"):
         C.validate(tiny(offload="cpu"))
+    with pytest.raises(C.ConfigError, match="^offload: disk keeps inactive blocks in memory-mapped files"):
+        C.validate(tiny(offload="disk", device="cuda"))
+    with pytest.raises(C.ConfigError, match="^device: expected cpu, cuda or cuda:N, got 'gpu'"):
+        C.validate(tiny(device="gpu"))
+    recurrent = C.preset("recurrent-text-tiny")
+    recurrent.offload = "disk"
+    with pytest.raises(C.ConfigError, match="^offload: the recurrent task trains one block; nothing to offload"):
+        C.validate(recurrent)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_cuda_without_a_gpu_is_a_clear_error(tmp_path):
+    with pytest.raises(C.ConfigError, match="^device: cuda requested, but torch sees no GPU"):
+        Trainer(tiny(device="cuda"), tmp_path)
 
 
 def test_memory_bench_worker_measures_a_block_step_with_offload():

@@ -47,7 +47,7 @@ from . import sampler, schedule, text
 from .errors import ConfigError, raise_first
 from .layers import AdaptiveNorm, SigmaEmbedder
 from .llama import LlamaLayer, RMSNorm, rotary_tables
-from .task import SampleRequest
+from .task import SampleRequest, device_of
 
 EVAL_SEED = 0        # the sampler's starting noise at evaluation: fixed, so evaluation is repeatable
 EVAL_BATCH = 64      # validation windows per forward pass
@@ -57,19 +57,19 @@ PROMPT_LENGTH = 40
 
 # --- the 2T layout ---------------------------------------------------------------------------
 @functools.lru_cache(maxsize=256)
-def two_stream_mask(clean: int, noisy: int) -> torch.Tensor:
-    """Boolean attention mask [clean + noisy, clean + noisy], True = may attend. Rows and
-    columns are the clean tokens (positions 0..clean−1), then the noisy tokens, which stand
-    at the last `noisy` positions (clean − noisy .. clean − 1). Clean i sees clean j <= i;
-    noisy at position p sees clean j < p and itself. Built once per shape."""
+def two_stream_mask(clean: int, noisy: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Boolean attention mask [clean + noisy, clean + noisy] on `device`, True = may attend.
+    Rows and columns are the clean tokens (positions 0..clean−1), then the noisy tokens, which
+    stand at the last `noisy` positions (clean − noisy .. clean − 1). Clean i sees clean j <= i;
+    noisy at position p sees clean j < p and itself. Built once per shape and device."""
     if not 1 <= noisy <= clean:
         raise ValueError(f"two_stream_mask: expected 1 <= noisy <= clean, got noisy={noisy}, clean={clean}")
-    columns = torch.arange(clean)
-    noisy_positions = torch.arange(clean - noisy, clean)
-    mask = torch.zeros(clean + noisy, clean + noisy, dtype=torch.bool)
+    columns = torch.arange(clean, device=device)
+    noisy_positions = torch.arange(clean - noisy, clean, device=device)
+    mask = torch.zeros(clean + noisy, clean + noisy, dtype=torch.bool, device=device)
     mask[:clean, :clean] = columns[None, :] <= columns[:, None]
     mask[clean:, :clean] = columns[None, :] < noisy_positions[:, None]
-    mask[clean:, clean:] = torch.eye(noisy, dtype=torch.bool)
+    mask[clean:, clean:] = torch.eye(noisy, dtype=torch.bool, device=device)
     return mask
 
 
@@ -174,12 +174,18 @@ class CharacterLM:
         ce, accuracy = self.window_metrics(plan, mode)
         return {"test_ce": ce, "test_accuracy": accuracy}
 
+    def validation_batches(self):
+        """The validation windows (kept on the CPU with the corpus), EVAL_BATCH at a time, on
+        the model's device."""
+        device = device_of(self.model)
+        return (windows.to(device) for windows in self.validation.split(EVAL_BATCH))
+
     @torch.no_grad()
     def window_metrics(self, plan, mode, **kwargs) -> tuple[float, float]:
         """(cross-entropy in nats per character, accuracy) of the validation windows."""
         generator = torch.Generator().manual_seed(EVAL_SEED)
         total_ce, correct, count = 0.0, 0, 0
-        for windows in self.validation.split(EVAL_BATCH):
+        for windows in self.validation_batches():
             logits = self.window_logits(windows, plan, mode, generator, **kwargs)
             targets = windows[:, 1:]
             total_ce += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
@@ -195,7 +201,7 @@ class CharacterLM:
         recorder = _Recorder(self)
         generator = torch.Generator().manual_seed(EVAL_SEED)
         ce, correct = [], []
-        for windows in self.validation.split(EVAL_BATCH):
+        for windows in self.validation_batches():
             recorder.outputs = []
             self.window_logits(windows, plan, mode, generator, denoiser=recorder, **kwargs)
             targets = windows[:, 1:]
@@ -210,15 +216,15 @@ class CharacterLM:
     @torch.no_grad()
     def generate(self, plan, mode, prompt: torch.Tensor, tokens: int, count: int,
                  generator: torch.Generator, steps: int | None = None) -> torch.Tensor:
-        """[count, len(prompt) + tokens]: the prompt, then greedy characters, each predicted
-        from the last context_length(mode) characters."""
-        sequences = prompt.expand(count, -1).clone()
+        """[count, len(prompt) + tokens] on the CPU (for decoding): the prompt, then greedy
+        characters, each predicted from the last context_length(mode) characters."""
+        sequences = prompt.to(device_of(self.model)).expand(count, -1).clone()
         window = self.context_length(mode)
         for _ in range(tokens):
             context = sequences[:, max(0, sequences.shape[1] - window):]
             logits = self.next_logits(context, plan, mode, generator, steps)
             sequences = torch.cat([sequences, logits.argmax(dim=-1, keepdim=True)], dim=1)
-        return sequences
+        return sequences.cpu()
 
     def default_prompts(self) -> list[str]:
         """The starts of the first validation chunks: held-out text the model never saw."""
@@ -344,14 +350,16 @@ class AutoregressiveLM(CharacterLM):
 
     # --- training (task.py) ---------------------------------------------------------------
     def block_loss(self, batch, block, plan, generator):
-        sigma = schedule.sample_sigmas(len(batch), plan.training_range(block), generator=generator)
+        sigma = schedule.sample_sigmas(len(batch), plan.training_range(block), generator=generator,
+                                       device=batch.device)
         z, z_in = dx.add_noise(self.target(batch), sigma, generator=generator)  # one σ per sequence
         _, logits = self.denoise(batch, z, z_in, sigma, plan.layers(block))
         return dx.weighted_cross_entropy(logits, batch, dx.loss_weight(sigma)), sigma
 
     def end_to_end_loss(self, batch, generator):
         logits = self.end_to_end(batch)[:, :-1]
-        return dx.weighted_cross_entropy(logits, batch[:, 1:], torch.ones(len(batch), dtype=logits.dtype))
+        return dx.weighted_cross_entropy(logits, batch[:, 1:],
+                                         torch.ones(len(batch), dtype=logits.dtype, device=logits.device))
 
     # --- the pieces the sampler chains (sampler.py) ---------------------------------------
     def two_stream(self, clean: torch.Tensor, z_in: torch.Tensor, cond: torch.Tensor,
@@ -361,8 +369,8 @@ class AutoregressiveLM(CharacterLM):
         m = self.model
         clean_len, noisy_len = clean.shape[1], z_in.shape[1]
         x = torch.cat([m.token_embed(clean), z_in + m.noisy_embed], dim=1)
-        rope = rotary_tables(two_stream_positions(clean_len, noisy_len), self.head_dim)
-        mask = two_stream_mask(clean_len, noisy_len)
+        rope = rotary_tables(two_stream_positions(clean_len, noisy_len), self.head_dim, device=x.device)
+        mask = two_stream_mask(clean_len, noisy_len, x.device)
         for index in layers:
             x = m.layers[index](x, cond, rope, mask)
         return x
@@ -380,7 +388,7 @@ class AutoregressiveLM(CharacterLM):
         """Logits [N, T, V] of the plain causal LM: position t predicts character t + 1."""
         m = self.model
         x = m.token_embed(tokens)
-        rope = rotary_tables(range(tokens.shape[1]), self.head_dim)
+        rope = rotary_tables(range(tokens.shape[1]), self.head_dim, device=x.device)
         cond = m.e2e_cond.expand(len(tokens), -1)
         for layer in m.layers:
             x = layer(x, cond, rope)
@@ -410,7 +418,7 @@ class AutoregressiveLM(CharacterLM):
     def next_logits(self, context, plan, mode, generator, steps=None):
         if mode == "e2e":
             return self.end_to_end(context)[:, -1]
-        placeholder = torch.zeros(len(context), 1, dtype=context.dtype)  # hidden from the noisy token
+        placeholder = context.new_zeros(len(context), 1)  # hidden from the noisy token
         return self.chain(plan, torch.cat([context, placeholder], dim=1), 1, generator, steps)[:, -1]
 
     def finish(self, plan, mode, out_dir):

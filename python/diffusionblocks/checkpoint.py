@@ -86,7 +86,7 @@ def save(out_dir, weights: dict[str, torch.Tensor], state: dict, config: dict) -
     tmp = root / (name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save
     tmp.mkdir()
-    save_file({k: t.detach().contiguous() for k, t in weights.items()}, str(tmp / FILES[0]),
+    save_file({k: t.detach().cpu().contiguous() for k, t in weights.items()}, str(tmp / FILES[0]),
               metadata={"step": str(step)})
     torch.save(state, tmp / FILES[1])
     for file in FILES:
@@ -150,7 +150,9 @@ def load(out_dir, warn=lambda message: print(message, file=sys.stderr)) -> Check
         try:
             manifest = _verify(folder)
             weights = load_file(str(folder / FILES[0]))
-            state = torch.load(folder / FILES[1], weights_only=True)
+            # on the CPU whatever device trained the run: load_state_dict puts each tensor back
+            # beside its parameter, and a GPU run can be evaluated on a machine without one
+            state = torch.load(folder / FILES[1], weights_only=True, map_location="cpu")
         except Exception as error:  # any damage: report it, fall back to an older checkpoint
             problems.append(f"{folder.name}: {error}")
             warn(f"diffusionblocks: warning: checkpoint {folder} is damaged ({error}); trying an older one")

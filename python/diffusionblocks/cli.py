@@ -3,6 +3,7 @@ A bad config prints one line naming the field and exits with status 2."""
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -23,6 +24,7 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--gamma", type=float, help="overlap of neighbouring noise ranges")
     train.add_argument("--partition", choices=["equi", "uniform"], help="how the σ axis is cut")
     train.add_argument("--seed", type=int)
+    train.add_argument("--device", help="cpu (default), cuda or cuda:N")
     train.add_argument("--parallel", choices=["none", "blocks"],
                        help="blocks: one process per block group, launched with torchrun")
     train.add_argument("--out", help="run directory (default: runs/<preset>-<mode>-B<B>-seed<seed>)")
@@ -31,8 +33,10 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
     evaluate = commands.add_parser("eval", help="evaluate the checkpoint of a run directory")
     evaluate.add_argument("dir")
+    evaluate.add_argument("--device", help="where to evaluate (default: where the run trained)")
     sample = commands.add_parser("sample", help="generate from the checkpoint of a generative run")
     sample.add_argument("dir")
+    sample.add_argument("--device", help="where to sample (default: where the run trained)")
     sample.add_argument("--steps", type=int, help="noise levels N (default: the task's)")
     sample.add_argument("--sampler", choices=["euler", "heun"], default="euler")
     sample.add_argument("--cfg", type=float, help="classifier-free guidance scale")
@@ -50,7 +54,7 @@ def parser() -> argparse.ArgumentParser:
 
 def config_from_args(args) -> TrainConfig:
     config = preset(args.preset or DEFAULT_PRESET)
-    for name in ("mode", "blocks", "gamma", "partition", "seed", "parallel"):
+    for name in ("mode", "blocks", "gamma", "partition", "seed", "parallel", "device"):
         if getattr(args, name) is not None:
             setattr(config, name, getattr(args, name))
     return validate(override(config, [item for group in args.set for item in group]))
@@ -66,7 +70,7 @@ def load_run_config(run_dir: Path) -> TrainConfig:
 def check_writable(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
+        probe = out / f".write-test-{os.getpid()}"  # per process: torchrun ranks probe at once
         probe.write_text("")
         probe.unlink()
     except OSError as error:
@@ -78,7 +82,8 @@ def train(args) -> int:
     from .train import Interrupted, Trainer, TrainingError
 
     if args.resume:
-        given = [name for name in ("preset", "mode", "blocks", "gamma", "partition", "seed", "out", "parallel")
+        given = [name for name in ("preset", "mode", "blocks", "gamma", "partition", "seed", "out", "parallel",
+                                   "device")
                  if getattr(args, name) is not None]
         if given:
             raise ConfigError(f"resume: the run's config comes from its config.json (change fields with "
@@ -113,14 +118,20 @@ def train(args) -> int:
     return 0
 
 
-def trained(run_dir: Path):
-    """The Trainer of a finished or interrupted run, at its last checkpoint."""
+def trained(run_dir: Path, device: str | None = None):
+    """The Trainer of a finished or interrupted run, at its last checkpoint, on `device`
+    (default: the run's own)."""
     from .train import Trainer
 
     config = load_run_config(run_dir)
     if not checkpoint.exists(run_dir):
         raise ConfigError(f"dir: {run_dir} has no checkpoint")
     config.parallel = "none"  # a block-parallel run's checkpoint holds every block: one process serves it
+    if device is not None:
+        config.device = device
+        if config.offload != "none":  # offload is about training memory; inference keeps the model as it is
+            config.offload = "none"
+        validate(config)
     trainer = Trainer(config, run_dir)
     trainer.resume()
     return trainer
@@ -128,7 +139,7 @@ def trained(run_dir: Path):
 
 def evaluate(args) -> int:
     run_dir = Path(args.dir)
-    trainer = trained(run_dir)
+    trainer = trained(run_dir, args.device)
     result = {"dir": str(run_dir), "step": trainer.step, "metrics": trainer.evaluate()}
     (run_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
@@ -141,7 +152,7 @@ def sample(args) -> int:
     from .task import SampleRequest
 
     run_dir = Path(args.dir)
-    trainer = trained(run_dir)
+    trainer = trained(run_dir, args.device)
     if not hasattr(trainer.task, "sample"):
         raise ConfigError(f"dir: the {trainer.config.task!r} task of {run_dir} generates nothing to sample")
     for name in ("steps", "count", "tokens"):

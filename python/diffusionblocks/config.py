@@ -7,6 +7,8 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 
+import torch
+
 from .errors import ConfigError
 from .partition import BlockPartition, PartitionError
 from .tasks import TASKS
@@ -14,7 +16,7 @@ from .vit import ViTConfig
 
 MODES = ("blocks", "e2e")
 BLOCK_SCHEDULES = ("random", "round-robin", "sequential")
-OFFLOADS = ("none", "disk")
+OFFLOADS = ("none", "cpu", "disk")
 SHARED = ("global", "per-block")
 __all__ = ["ConfigError", "TrainConfig", "PRESETS", "preset", "override", "validate", "to_dict", "from_dict"]
 
@@ -34,7 +36,9 @@ class TrainConfig:
     parallel: str = "none"               # "blocks": block-parallel over torch.distributed (parallel.py)
     shared_sync_every: int = 0           # block-parallel, shared=global: average shared modules every K steps
     shared: str = "global"               # shared modules: one set ("global") or a copy per block ("per-block")
-    offload: str = "none"                # inactive blocks' weights + optimizer state: "none" or "disk"
+    device: str = "cpu"                  # where training runs: "cpu", "cuda" or "cuda:N"
+    offload: str = "none"                # inactive blocks' weights + optimizer state: "none", "cpu"
+                                         # (GPU -> host memory) or "disk" (CPU -> memory-mapped files)
     activation_checkpointing: bool = False  # recompute each layer in backward (torch.utils.checkpoint)
     e2e_steps: int = 1200                # end-to-end steps; block-wise runs B× as many (same layer evals)
     steps: int = 0                       # 0: the budget above; else an explicit step count
@@ -134,9 +138,14 @@ def validate(config: TrainConfig) -> TrainConfig:
          "parallel: block-parallel training needs mode=blocks (end to end there is one block)")
     need(config.shared_sync_every >= 0, f"shared_sync_every: expected >= 0, got {config.shared_sync_every}")
     need(config.shared in SHARED, f"shared: expected one of {', '.join(SHARED)}, got {config.shared!r}")
-    need(config.offload != "cpu", "offload: cpu moves inactive blocks from a GPU to host memory, and this "
-         "trainer trains on the CPU; use offload=disk (memory-mapped files)")
+    need(_device_type(config.device) in ("cpu", "cuda"),
+         f"device: expected cpu, cuda or cuda:N, got {config.device!r}")
     need(config.offload in OFFLOADS, f"offload: expected one of {', '.join(OFFLOADS)}, got {config.offload!r}")
+    on_gpu = _device_type(config.device) == "cuda"
+    need(config.offload != "cpu" or on_gpu, "offload: cpu moves inactive blocks from the GPU to host memory; "
+         "with device=cpu use offload=disk (memory-mapped files)")
+    need(config.offload != "disk" or not on_gpu, "offload: disk keeps inactive blocks in memory-mapped files "
+         "for CPU training; with device=cuda use offload=cpu (host memory)")
     need(config.blocks >= 1, f"blocks: expected at least 1, got {config.blocks}")
     need(config.gamma >= 0, f"gamma: expected an overlap >= 0, got {config.gamma:g}")
     need(config.task in TASKS, f"task: expected one of {', '.join(sorted(TASKS))}, got {config.task!r}")
@@ -160,6 +169,13 @@ def validate(config: TrainConfig) -> TrainConfig:
     except PartitionError as error:
         raise ConfigError(str(error)) from None
     return config
+
+
+def _device_type(name: str) -> str | None:
+    try:
+        return torch.device(name).type
+    except (RuntimeError, TypeError):
+        return None
 
 
 def to_dict(config: TrainConfig) -> dict:

@@ -33,6 +33,7 @@ import diffusionblocks_ext as dx
 from . import data, evaluator, sampler, schedule
 from .errors import ConfigError, layer_stack_problems, raise_first
 from .layers import AdaptiveNorm, SigmaEmbedder, TransformerLayer
+from .task import device_of
 from .vit import patchify
 
 EVAL_SEED = 0         # starting noise of the end-of-run samples and of the test loss's draws
@@ -155,19 +156,22 @@ class DiTGeneration:
 
     def block_loss(self, batch, block, plan, generator):
         images, labels = batch
-        sigma = schedule.sample_sigmas(len(labels), plan.training_range(block), generator=generator)
+        sigma = schedule.sample_sigmas(len(labels), plan.training_range(block), generator=generator,
+                                       device=labels.device)
         return self.denoising_loss(images, labels, sigma, plan.layers(block), generator), sigma
 
     def end_to_end_loss(self, batch, generator):
         images, labels = batch
-        sigma = schedule.sample_sigmas(len(labels), (dx.SIGMA_MIN, dx.SIGMA_MAX), generator=generator)
+        sigma = schedule.sample_sigmas(len(labels), (dx.SIGMA_MIN, dx.SIGMA_MAX), generator=generator,
+                                       device=labels.device)
         return self.denoising_loss(images, labels, sigma, range(self.num_layers), generator)
 
     def denoising_loss(self, images, labels, sigma, layers, generator):
         """λ(σ)·mean((D − y)²) per example, with 10% of the labels dropped to the null class."""
         y = self.to_target(images)
         z, z_in = dx.add_noise(y, sigma, generator=generator)
-        dropped = torch.rand(len(labels), generator=generator) < self.options.label_dropout
+        # Drawn on the CPU generator, then moved: the same labels dropped on any device.
+        dropped = (torch.rand(len(labels), generator=generator) < self.options.label_dropout).to(labels.device)
         labels = labels.masked_fill(dropped, self.model.null_class)
         return dx.edm_loss(self.model(z_in, sigma, labels, layers), z, y, sigma)
 
@@ -195,13 +199,16 @@ class DiTGeneration:
     @torch.no_grad()
     def generate(self, plan, labels: torch.Tensor, steps: int, method: str, cfg: float,
                  generator: torch.Generator, levels: str | None = None) -> tuple[torch.Tensor, dict]:
-        """Images [N, C, H, W] in [0, 1] for `labels` [N], and what it cost. `levels`: the
-        noise-level schedule (default: the config's sample_schedule)."""
+        """Images [N, C, H, W] in [0, 1] on the CPU for `labels` [N], and what it cost. `levels`:
+        the noise-level schedule (default: the config's sample_schedule)."""
         levels = levels or self.options.sample_schedule
         sigmas = schedule.INFERENCE_SCHEDULES[levels](steps).tolist()
         shape = (len(labels), self.data.channels, self.data.image_size, self.data.image_size)
+        device = device_of(self.model)
         started = time.perf_counter()
-        y, blocks = sampler.integrate(self.estimate(labels, cfg), plan, shape, sigmas, generator, method)
+        y, blocks = sampler.integrate(self.estimate(labels.to(device), cfg), plan, shape, sigmas, generator, method,
+                                      device=device)
+        y = y.cpu()  # inside the timing: on a GPU this waits for the sampler to finish
         seconds = time.perf_counter() - started
         passes = 1 if cfg == 1.0 else 2  # the unconditional half of a guided batch is compute too
         layer_evals = sum(len(plan.layer_range(b)) for b in blocks)
@@ -247,14 +254,15 @@ class DiTGeneration:
         """Mean λ(σ)-weighted denoising loss on the test split, σ from the whole training
         density (fixed draws), each σ handled by the block that owns it: the held-out
         training objective of the composed model, comparable across modes."""
-        images = self.data.test_images.repeat(TEST_LOSS_REPEATS, 1, 1, 1)
-        labels = self.data.test_labels.repeat(TEST_LOSS_REPEATS)
+        device = device_of(self.model)
+        images = self.data.test_images.repeat(TEST_LOSS_REPEATS, 1, 1, 1).to(device)
+        labels = self.data.test_labels.repeat(TEST_LOSS_REPEATS).to(device)
         generator = torch.Generator().manual_seed(EVAL_SEED)
-        sigma = schedule.sample_sigmas(len(labels), (dx.SIGMA_MIN, dx.SIGMA_MAX), generator=generator)
+        sigma = schedule.sample_sigmas(len(labels), (dx.SIGMA_MIN, dx.SIGMA_MAX), generator=generator, device=device)
         y = self.to_target(images)
         z, z_in = dx.add_noise(y, sigma, generator=generator)
         owner = plan.block_of(sigma)
-        total = torch.zeros(())
+        total = torch.zeros((), device=device)
         for block in range(plan.num_blocks):
             mine = owner == block
             if mine.any():

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import data
+from .task import device_of
 
 FILENAME = "evaluator.safetensors"
 FEATURES = 64
@@ -92,13 +93,16 @@ def load_or_train(run_dir: Path | None, digits: data.Digits) -> tuple[DigitsCNN,
 
 @torch.no_grad()
 def features(model: DigitsCNN, images: torch.Tensor, batch: int = 1000) -> torch.Tensor:
-    return torch.cat([model.features(images[i:i + batch]) for i in range(0, len(images), batch)])
+    """Penultimate features on the CPU, of images on any device (the evaluator runs on its own)."""
+    device = device_of(model)
+    return torch.cat([model.features(images[i:i + batch].to(device)).cpu() for i in range(0, len(images), batch)])
 
 
 @torch.no_grad()
 def accuracy(model: DigitsCNN, images: torch.Tensor, labels: torch.Tensor) -> float:
     """Share of `images` classified as `labels` (= class consistency for generated images)."""
-    return (model(images).argmax(dim=-1) == labels).double().mean().item()
+    predicted = model(images.to(device_of(model))).argmax(dim=-1).cpu()  # images on any device
+    return (predicted == labels.cpu()).double().mean().item()
 
 
 def _sqrtm_psd(matrix: torch.Tensor) -> torch.Tensor:

@@ -33,22 +33,24 @@ class RMSNorm(nn.Module):
 
 
 @functools.lru_cache(maxsize=256)
-def _rotary_cached(positions: tuple[int, ...], head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
-    pos = torch.tensor(positions, dtype=torch.float32)
-    freqs = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+def _rotary_cached(positions: tuple[int, ...], head_dim: int, base: float,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    pos = torch.tensor(positions, dtype=torch.float32, device=device)
+    freqs = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
     angles = pos[:, None] * freqs[None]                      # [S, head_dim/2]
     angles = torch.cat([angles, angles], dim=-1)             # [S, head_dim], the rotate-half layout
     return angles.cos(), angles.sin()
 
 
-def rotary_tables(positions, head_dim: int, base: float = ROPE_BASE) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cos, sin), each [S, head_dim], for integer token positions (a range, list or 1-D
-    tensor). Cached by value: a task asks for the same few layouts every step."""
+def rotary_tables(positions, head_dim: int, base: float = ROPE_BASE,
+                  device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin), each [S, head_dim] on `device`, for integer token positions (a range, list
+    or 1-D tensor). Cached by value: a task asks for the same few layouts every step."""
     if head_dim % 2:
         raise ValueError(f"rotary positions need an even head dimension, got {head_dim}")
     if isinstance(positions, torch.Tensor):
         positions = positions.tolist()
-    return _rotary_cached(tuple(int(p) for p in positions), head_dim, float(base))
+    return _rotary_cached(tuple(int(p) for p in positions), head_dim, float(base), torch.device(device))
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -60,7 +60,7 @@ import diffusionblocks_ext as dx
 from . import text
 from .errors import ConfigError, layer_stack_problems, raise_first
 from .layers import AdaptiveNorm, Attention, TransformerLayer, sinusoidal_embedding
-from .task import SampleRequest
+from .task import SampleRequest, device_of
 
 IGNORE = -100              # weighted_cross_entropy's ignore_index: unmasked positions
 EVAL_SEED = 0              # the evaluation's t's and masks; fixed, so both modes see the same draws
@@ -81,8 +81,9 @@ def loss_weight(t: torch.Tensor) -> torch.Tensor:
 
 def mask_tokens(x0: torch.Tensor, t: torch.Tensor, mask_id: int,
                 generator: torch.Generator | None) -> torch.Tensor:
-    """x_t: each position of x0 [N, T] masked with probability 1 − α(t), t [N]."""
-    u = torch.rand(x0.shape, dtype=torch.float64, generator=generator)
+    """x_t: each position of x0 [N, T] masked with probability 1 − α(t), t [N] (on x0's device;
+    the uniforms come from the CPU generator)."""
+    u = torch.rand(x0.shape, dtype=torch.float64, generator=generator).to(x0.device)
     masked = u < (1 - alpha(t.to(torch.float64)))[:, None]
     return torch.where(masked, torch.full_like(x0, mask_id), x0)
 
@@ -95,13 +96,14 @@ def md4_loss(logits: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, t: torch.
     return dx.weighted_cross_entropy(logits, target, weight, ignore_index=IGNORE)
 
 
-def stratified_t(n: int, t_range: tuple[float, float], generator: torch.Generator | None) -> torch.Tensor:
-    """n times in (lo, hi], one per equal stratum (MD4 draws antithetic times; stratified
-    is the same idea with an independent offset per stratum). Float64, and never 0: w(0)
-    is infinite (rounding could reach 0 once in ~1e15 draws; MIN_T keeps the loss finite)."""
+def stratified_t(n: int, t_range: tuple[float, float], generator: torch.Generator | None,
+                 device: torch.device | str = "cpu") -> torch.Tensor:
+    """n times in (lo, hi] on `device`, one per equal stratum (MD4 draws antithetic times;
+    stratified is the same idea with an independent offset per stratum). Float64, and never 0:
+    w(0) is infinite (rounding could reach 0 once in ~1e15 draws; MIN_T keeps the loss finite)."""
     lo, hi = t_range
-    u = torch.rand(n, dtype=torch.float64, generator=generator)
-    return (hi - (torch.arange(n, dtype=torch.float64) + u) / n * (hi - lo)).clamp_min(MIN_T)
+    u = torch.rand(n, dtype=torch.float64, generator=generator).to(device)
+    return (hi - (torch.arange(n, dtype=torch.float64, device=device) + u) / n * (hi - lo)).clamp_min(MIN_T)
 
 
 # --- the blocks' t ranges -----------------------------------------------------------------
@@ -129,7 +131,7 @@ class TimeRanges:
     def block_of(self, t: torch.Tensor) -> torch.Tensor:
         """Block whose half-open range holds each t [N] (a t on a boundary: the less
         masked block; t >= 1 -> block 0, t <= 0 -> the last block)."""
-        interior = torch.tensor(self.boundaries[1:-1], dtype=torch.float64)
+        interior = torch.tensor(self.boundaries[1:-1], dtype=torch.float64, device=t.device)
         return (t.to(torch.float64)[:, None] <= interior[None, :]).sum(dim=1)
 
 
@@ -281,7 +283,7 @@ class MaskedDiffusion:
     def loss_on_range(self, x0: torch.Tensor, t_range: tuple[float, float], layers: range,
                       generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """MD4's loss with t stratified over t_range, through `layers`: (loss [N], t [N])."""
-        t = stratified_t(len(x0), t_range, generator)
+        t = stratified_t(len(x0), t_range, generator, x0.device)
         xt = mask_tokens(x0, t, self.mask_id, generator)
         logits = self.model(xt, t, layers)
         return md4_loss(logits, x0, xt, t, self.mask_id), t.float()
@@ -312,14 +314,15 @@ class MaskedDiffusion:
     @torch.no_grad()
     def elbo_terms(self, plan, windows: torch.Tensor | None = None, samples: int | None = None,
                    batch_rows: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-        """(t [W, K], nats per character [W, K]): the ELBO integrand of each validation window
-        at its K stratified t's, from the fixed evaluation generator."""
-        windows = self.validation if windows is None else windows
+        """(t [W, K], nats per character [W, K]), on the model's device: the ELBO integrand of
+        each validation window at its K stratified t's, from the fixed evaluation generator."""
+        device = device_of(self.model)
+        windows = (self.validation if windows is None else windows).to(device)
         K = samples or self.options.eval_t_samples
         generator = torch.Generator().manual_seed(EVAL_SEED)
         W = len(windows)
-        u = torch.rand(W, K, dtype=torch.float64, generator=generator)
-        t = 1 - (torch.arange(K, dtype=torch.float64) + u) / K                    # in (0, 1]
+        u = torch.rand(W, K, dtype=torch.float64, generator=generator).to(device)
+        t = 1 - (torch.arange(K, dtype=torch.float64, device=device) + u) / K     # in (0, 1]
         x0 = windows.repeat_interleave(K, dim=0)                                     # row w·K + k
         xt = mask_tokens(x0, t.reshape(-1), self.mask_id, generator)
         flat_t = t.reshape(-1)
@@ -353,24 +356,27 @@ class MaskedDiffusion:
     @torch.no_grad()
     def generate(self, plan, count: int, steps: int, generator: torch.Generator,
                  prompt: torch.Tensor | None = None) -> torch.Tensor:
-        """[count, seq_len] characters by MD4's ancestral sampler over `steps` steps; the
-        prompt (if any) is fixed unmasked at the start."""
+        """[count, seq_len] characters, on the CPU (for decoding), by MD4's ancestral sampler
+        over `steps` steps; the prompt (if any) is fixed unmasked at the start. The draws come
+        from the CPU generator, on CPU probabilities."""
         T = self.options.seq_len
-        x = torch.full((count, T), self.mask_id, dtype=torch.int64)
+        device = device_of(self.model)
+        x = torch.full((count, T), self.mask_id, dtype=torch.int64, device=device)
         if prompt is not None and len(prompt):
-            x[:, :len(prompt)] = prompt
+            x[:, :len(prompt)] = prompt.to(device)
         ranges = TimeRanges(plan.num_blocks)
         for i in range(steps):
             t_now, t_next = 1 - i / steps, 1 - (i + 1) / steps
-            t = torch.full((count,), t_now, dtype=torch.float64)
+            t = torch.full((count,), t_now, dtype=torch.float64, device=device)
             block = int(ranges.block_of(t[:1])[0])
             logits = self.model(x, t, plan.layers(block))
-            proposal = torch.multinomial(logits.float().softmax(dim=-1).reshape(-1, logits.shape[-1]), 1,
-                                         generator=generator).view(count, T)
+            probabilities = logits.float().softmax(dim=-1).reshape(-1, logits.shape[-1]).cpu()
+            proposal = torch.multinomial(probabilities, 1, generator=generator).view(count, T).to(device)
             reveal_p = (alpha(t_next) - alpha(t_now)) / (1 - alpha(t_now))  # q(x_s = x_0 | x_t = [MASK])
-            reveal = (x == self.mask_id) & (torch.rand(count, T, dtype=torch.float64, generator=generator) < reveal_p)
+            u = torch.rand(count, T, dtype=torch.float64, generator=generator).to(device)
+            reveal = (x == self.mask_id) & (u < reveal_p)
             x = torch.where(reveal, proposal, x)
-        return x
+        return x.cpu()
 
     def sample(self, plan, mode, request):
         T = self.options.seq_len
@@ -409,5 +415,5 @@ class MaskedDiffusion:
         """Layer forward calls (each over the batch of sequences) of a `steps`-step sampler."""
         ranges = TimeRanges(plan.num_blocks)
         t = torch.tensor([1 - i / steps for i in range(steps)], dtype=torch.float64)
-        return sum(len(plan.layers(int(b))) for b in ranges.block_of(t))
+        return sum(len(plan.layer_range(int(b))) for b in ranges.block_of(t))
 

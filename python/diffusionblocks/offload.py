@@ -1,17 +1,21 @@
 """Memory ÷ B for real (issue 6): while a block is not training, its parameters and its
-AdamW state leave memory.
+AdamW state leave the memory it trains in.
 
-On the CPU they live in one memory-mapped file per block (`--offload disk`), created in
+On a GPU (`offload=cpu`, HostOffload) they wait in pinned host memory, one buffer per
+tensor allocated once; the active block's tensors are copies on the device, made when it
+is entered and copied back (then freed) when another block is. Copies are exact, so
+results are bit-identical to training without offload on the same device; the traffic is
+one round trip of a block's weights and moments per swap, which `steps_per_swap`
+amortises.
+
+On the CPU (`offload=disk`, DiskOffload) they live in one memory-mapped file per block, created in
 the run directory and unlinked at once, so the disk space is freed when the process ends. Every
 parameter and state tensor of the block is a view of that mapping, so it keeps its shape
 and address for the whole run and any access still reads the right values; evicting a
 block only tells the kernel to drop its pages from this process (madvise DONTNEED: a
 shared file mapping keeps the data in the file and the page cache, and pages come back on
 the next touch). Correctness therefore never depends on when a block is evicted, only the
-resident memory does, and results are bit-identical to training without offload.
-
-`--offload cpu` (weights from a GPU to host memory) needs training on a GPU, which this
-trainer does not do yet; the config refuses it with a message."""
+resident memory does, and results are bit-identical to training without offload."""
 
 import contextlib
 import mmap
@@ -22,6 +26,82 @@ import torch
 
 ALIGN = 64  # bytes; keeps every view aligned for vectorised kernels
 STATE_KEYS = ("exp_avg", "exp_avg_sq")  # AdamW's per-parameter moments (its `step` is a scalar)
+
+
+def _block_parameters(model: torch.nn.Module, plan, block: int) -> list[torch.nn.Parameter]:
+    return [p for i in plan.layer_range(block) for p in model.layers[i].parameters()]
+
+
+class HostOffload:
+    """The blocks of a partition in host memory, the active one on `device`.
+
+    Each parameter and AdamW moment has a host buffer (pinned when the device is a GPU, so
+    copies run at full PCIe speed). A tensor is "on the device" while its `.data` (or its
+    optimizer state entry) is a device copy, and on the host while it is the buffer itself.
+    With device=cpu the same swaps happen between two CPU copies: tests use that to check
+    the bookkeeping on machines without a GPU; training on the CPU uses DiskOffload."""
+
+    def __init__(self, model: torch.nn.Module, plan, optimizers: dict, device: torch.device):
+        self.device, self.optimizers = torch.device(device), optimizers
+        self.pin = self.device.type == "cuda"
+        self.params = [_block_parameters(model, plan, block) for block in range(plan.num_blocks)]
+        self.buffers: dict[tuple[int, str], torch.Tensor] = {}  # (id(param), "param" or moment) -> host
+        self.active = None
+        for block in range(plan.num_blocks):
+            self._to_host(block)
+        plan.listeners.append(self.activate)  # training and inference alike
+
+    def _host(self, p: torch.nn.Parameter, key: str, value: torch.Tensor) -> torch.Tensor:
+        """`value` in the host buffer of (p, key); the buffer itself when it already is."""
+        buffer = self.buffers.get((id(p), key))
+        if buffer is None:
+            buffer = torch.empty(value.shape, dtype=value.dtype, pin_memory=self.pin)
+            self.buffers[(id(p), key)] = buffer
+        if buffer.data_ptr() != value.data_ptr():
+            buffer.copy_(value)
+        return buffer
+
+    def _to_host(self, block: int) -> None:
+        state = self.optimizers[f"block{block}"].state
+        for p in self.params[block]:
+            p.data = self._host(p, "param", p.data)
+            for key in STATE_KEYS:
+                if key in state.get(p, {}):
+                    state[p][key] = self._host(p, key, state[p][key])
+
+    def _to_device(self, block: int) -> None:
+        state = self.optimizers[f"block{block}"].state
+        for p in self.params[block]:
+            # non_blocking from pinned memory: the copies queue on the stream the block's
+            # kernels then run on, so they are ordered without waiting here
+            p.data = p.data.to(self.device, non_blocking=True, copy=True)
+            for key in STATE_KEYS:
+                if key in state.get(p, {}):
+                    state[p][key] = state[p][key].to(self.device, non_blocking=True, copy=True)
+
+    def activate(self, block: int) -> None:
+        if block != self.active:
+            if self.active is not None:
+                self._to_host(self.active)  # a synchronous copy: the buffers are final when it returns
+            self._to_device(block)
+            self.active = block
+
+    def after_step(self, block: int) -> None:
+        """The first step of a block creates its AdamW moments on the device, where they stay
+        until the block is left; nothing to do."""
+
+    def adopt_all(self) -> None:
+        """After a resume loaded weights and optimizer state (onto whichever side each
+        parameter was): every block to the host; the next block entered comes back."""
+        for block in range(len(self.params)):
+            self._to_host(block)
+        self.active = None
+
+    def release(self) -> None:
+        """Saving reads the tensors where they are; nothing is brought in."""
+
+    def resident_parameters(self, block: int) -> list[torch.nn.Parameter]:
+        return self.params[block]
 
 
 def _aligned(nbytes: int) -> int:
@@ -82,8 +162,7 @@ class DiskOffload:
         self.optimizers = optimizers
         self.files = []
         for block in range(plan.num_blocks):
-            params = [p for i in plan.layer_range(block) for p in model.layers[i].parameters()]
-            self.files.append(_BlockFile(folder / f"block{block}.bin", params))
+            self.files.append(_BlockFile(folder / f"block{block}.bin", _block_parameters(model, plan, block)))
         with contextlib.suppress(OSError):
             folder.rmdir()  # empty: the files live on, unnamed, while mapped
         self.active = None
@@ -109,3 +188,6 @@ class DiskOffload:
         for block, file in enumerate(self.files):
             if block != self.active:
                 file.evict()
+
+    def resident_parameters(self, block: int) -> list[torch.nn.Parameter]:
+        return self.files[block].params

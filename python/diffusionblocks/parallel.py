@@ -18,13 +18,26 @@ on CPU); with `shared=global` every rank trains its own copy of the one set and 
 copies are averaged across all ranks every `shared_sync_every` steps.
 At each checkpoint rank 0 gathers every block's weights, optimizer state, counters and
 log records into one ordinary checkpoint, which `--resume` (on every rank), `eval` and
-`sample` use like any other. gloo on CPU."""
+`sample` use like any other. gloo on CPU; NCCL with device=cuda, each process on the GPU
+of its local rank (train.py), everything it sends to rank 0 moved to the CPU first."""
 
 import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from .errors import ConfigError
+
+
+def _on_cpu(value):
+    """Tensors inside nested dicts/lists moved to the CPU: what gather_object pickles must
+    not name another process's GPU."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {key: _on_cpu(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on_cpu(item) for item in value)
+    return value
 
 
 def _average(tensors: list[torch.Tensor], count: int, group) -> None:
@@ -44,8 +57,9 @@ class BlockParallel:
         if config.shared == "global" and config.shared_sync_every < 1:
             raise ConfigError("shared_sync_every: block-parallel training with shared=global needs the "
                               "shared modules averaged every K >= 1 steps (or use shared=per-block)")
+        self.on_gpu = torch.device(config.device).type == "cuda"
         if not dist.is_initialized():
-            dist.init_process_group("gloo")
+            dist.init_process_group("nccl" if self.on_gpu else "gloo")
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         if self.world > num_blocks and self.world % num_blocks:
             raise ConfigError(f"parallel: {self.world} processes cannot split evenly over B={num_blocks} "
@@ -104,7 +118,7 @@ class BlockParallel:
             if trainer.shared_copies is not None:
                 mine["shared_copies"][block] = {n: t.clone() for n, t in trainer.shared_copies.copies[block].items()}
         received = [None] * self.world if self.rank == 0 else None
-        dist.gather_object(mine, received, dst=0)
+        dist.gather_object(_on_cpu(mine), received, dst=0)
         if self.rank != 0:
             return None
         merged = []
@@ -124,7 +138,7 @@ class BlockParallel:
 
     def agree_on_stop(self, signum: int | None) -> int | None:
         """A signal that reached any rank stops all of them at the same step."""
-        flag = torch.tensor([signum or 0])
+        flag = torch.tensor([signum or 0], device=torch.cuda.current_device() if self.on_gpu else "cpu")
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return int(flag) or None
 

@@ -90,6 +90,10 @@ class RecurrentConfig:
             (config.mode == "e2e" or config.blocks == 1,
              f"blocks: the recurrent core is one denoiser over the whole σ range; expected blocks=1, "
              f"got {config.blocks}"),
+            # one block holds every layer (the prelude and coda run outside its range), so
+            # there is never an inactive block to move out
+            (config.offload == "none", f"offload: the recurrent task trains one block; nothing to offload, "
+             f"got offload={config.offload}"),
         ])
 
 
@@ -163,22 +167,23 @@ class RecurrentDepthLM(CharacterLM):
         self.head_dim = options.width // options.heads
 
     # --- the pieces ---------------------------------------------------------------------------
-    def rope(self, length: int):
-        return rotary_tables(range(length), self.head_dim)
+    def rope(self, x: torch.Tensor):
+        """The rotary tables for the sequence x [N, S, ...], on its device."""
+        return rotary_tables(range(x.shape[1]), self.head_dim, device=x.device)
 
     def prelude(self, tokens: torch.Tensor) -> torch.Tensor:
         m = self.model
         cond = m.constant_cond.expand(len(tokens), -1)
-        return m.prelude_norm(m.run(m.token_embed(tokens), m.prelude, cond, self.rope(tokens.shape[1])))
+        return m.prelude_norm(m.run(m.token_embed(tokens), m.prelude, cond, self.rope(tokens)))
 
     def core_pass(self, state: torch.Tensor, e: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         m = self.model
         h = m.adapter(torch.cat([state, e], dim=-1))
-        return m.core_norm(m.run(h, m.core, cond, self.rope(state.shape[1])))
+        return m.core_norm(m.run(h, m.core, cond, self.rope(state)))
 
     def readout(self, state: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         m = self.model
-        h = m.final_norm(m.run(state, m.coda, cond, self.rope(state.shape[1])))
+        h = m.final_norm(m.run(state, m.coda, cond, self.rope(state)))
         return m.head(m.head_norm(h, cond))
 
     # --- the baseline: Huginn's unrolled recurrence -----------------------------------------------
@@ -187,7 +192,7 @@ class RecurrentDepthLM(CharacterLM):
         `backprop` passes only (None: all)."""
         m = self.model
         cond = m.constant_cond.expand(len(e), -1)
-        state = torch.randn(e.shape, generator=generator)
+        state = torch.randn(e.shape, generator=generator).to(e.device)  # drawn on the CPU generator
         first_tracked = 0 if backprop is None else max(0, passes - backprop)
         with untracked(m.core_parameters()) if torch.is_grad_enabled() else contextlib.nullcontext():
             for _ in range(first_tracked):
@@ -206,7 +211,8 @@ class RecurrentDepthLM(CharacterLM):
         inputs, targets = batch[:, :-1], batch[:, 1:]
         passes = self.training_recurrence(generator)
         logits = self.recur(self.prelude(inputs), passes, generator, self.options.backprop_depth)
-        return dx.weighted_cross_entropy(logits, targets, torch.ones(len(batch), dtype=logits.dtype))
+        return dx.weighted_cross_entropy(logits, targets,
+                                         torch.ones(len(batch), dtype=logits.dtype, device=logits.device))
 
     # --- DiffusionBlocks: the core as one denoiser --------------------------------------------------
     def denoise(self, e: torch.Tensor, z: torch.Tensor, z_in: torch.Tensor, sigma: torch.Tensor,
@@ -219,7 +225,8 @@ class RecurrentDepthLM(CharacterLM):
 
     def block_loss(self, batch, block, plan, generator):
         inputs, targets = batch[:, :-1], batch[:, 1:]
-        sigma = schedule.sample_sigmas(len(batch), plan.training_range(block), generator=generator)
+        sigma = schedule.sample_sigmas(len(batch), plan.training_range(block), generator=generator,
+                                       device=batch.device)
         z, z_in = dx.add_noise(self.target(targets), sigma, generator=generator)  # one σ per sequence
         _, logits = self.denoise(self.prelude(inputs), z, z_in, sigma, plan.layers(block))
         return dx.weighted_cross_entropy(logits, targets, dx.loss_weight(sigma)), sigma

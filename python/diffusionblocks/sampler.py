@@ -37,8 +37,8 @@ class Denoiser(Protocol):
         label embedding for classification)."""
 
 
-def _per_example(value: float, n: int) -> torch.Tensor:
-    return torch.full((n,), value, dtype=torch.float32)
+def _per_example(value: float, n: int, device) -> torch.Tensor:
+    return torch.full((n,), value, dtype=torch.float32, device=device)
 
 
 def _scaled_input(z: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -47,8 +47,8 @@ def _scaled_input(z: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def integrate(estimate: Estimate, partition: BlockPartition, shape: tuple[int, ...], sigmas: list[float],
-              generator: torch.Generator, method: str = "euler") -> tuple[torch.Tensor, list[int]]:
-    """From z_0 = σ_0·ε (ε from `generator`) through the descending levels `sigmas`; returns
+              generator: torch.Generator, method: str = "euler", device=None) -> tuple[torch.Tensor, list[int]]:
+    """From z_0 = σ_0·ε (ε from `generator`, z on `device`) through the descending levels `sigmas`; returns
     the output of the evaluation at the last level and the block of every evaluation made.
 
     Euler makes N evaluations; Heun 2N − 1: each of the N − 1 steps adds a second
@@ -64,14 +64,14 @@ def integrate(estimate: Estimate, partition: BlockPartition, shape: tuple[int, .
         blocks.append(block)
         return estimate(z, z_in, sigma, partition.layers(block))
 
-    sigma = _per_example(sigmas[0], n)
-    z, z_in = dx.add_noise(torch.zeros(shape), sigma, generator=generator)  # z_0 = σ_0·ε
+    sigma = _per_example(sigmas[0], n, device)
+    z, z_in = dx.add_noise(torch.zeros(shape, device=device), sigma, generator=generator)  # z_0 = σ_0·ε
     output = None
     for i, level in enumerate(sigmas):
         D, output = evaluate(z, z_in, sigma, level)
         if i + 1 == len(sigmas):
             break
-        sigma_next = _per_example(sigmas[i + 1], n)
+        sigma_next = _per_example(sigmas[i + 1], n, device)
         z_next = dx.euler_step(z, D, sigma, sigma_next, denoised=True)
         if method == "heun":
             D_euler, _ = evaluate(z_next, _scaled_input(z_next, sigma_next), sigma_next, sigmas[i + 1])
@@ -99,5 +99,6 @@ def denoise_chain(task: Denoiser, partition: BlockPartition, inputs: torch.Tenso
         D, output = task.denoise(inputs, z, z_in, sigma, layers)
         return task.sampler_estimate(D, output), output
 
-    output, _ = integrate(estimate, partition, (len(inputs),) + tuple(target_shape), sigmas, generator)
+    output, _ = integrate(estimate, partition, (len(inputs),) + tuple(target_shape), sigmas, generator,
+                          device=inputs.device)
     return output

@@ -58,9 +58,10 @@ def widen(sigma_lo: float, sigma_hi: float, gamma: float) -> tuple[float, float]
     return max(sigma_lo / a, dx.SIGMA_MIN), min(sigma_hi * a, dx.SIGMA_MAX)
 
 
-def sample_sigmas(n: int, sigma_range: tuple[float, float], generator=None) -> torch.Tensor:
-    """n training σ's (float32 [n]) from the log-normal restricted to sigma_range."""
-    return dx.sample_sigma(n, sigma_range[0], sigma_range[1], generator=generator)
+def sample_sigmas(n: int, sigma_range: tuple[float, float], generator=None, device=None) -> torch.Tensor:
+    """n training σ's (float32 [n] on `device`) from the log-normal restricted to sigma_range;
+    the same values on every device for the same generator state (the op's Philox stream)."""
+    return dx.sample_sigma(n, sigma_range[0], sigma_range[1], generator=generator, device=device)
 
 
 def inference_sigmas(num_steps: int) -> torch.Tensor:
@@ -87,7 +88,7 @@ def interval_index(sigma: torch.Tensor, boundaries: torch.Tensor) -> torch.Tenso
     """Ascending interval of each σ. Intervals are half-open [σ_k, σ_k+1), the top one closed
     [σ_B−1, σ_B]; a σ exactly on a boundary belongs to the noisier interval above it. σ's
     outside [σ_min, σ_max] clamp to the end intervals."""
-    interior = boundaries[1:-1].to(torch.float64)
+    interior = boundaries[1:-1].to(sigma.device, torch.float64)
     return torch.searchsorted(interior, sigma.to(torch.float64).contiguous(), right=True)
 
 

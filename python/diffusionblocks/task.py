@@ -18,6 +18,23 @@ from torch import nn
 from .partition import BlockPartition
 
 
+def device_of(model: nn.Module) -> torch.device:
+    """Where the model computes (the trainer's `device`): every tensor a task makes for the
+    model goes there. Read off the shared modules, which never leave it (offload=cpu keeps
+    inactive layers on the host). Random draws stay on CPU generators and move after, so a
+    run draws the same batches, σ's and masks on any device."""
+    layers = getattr(model, "layers", None)
+    in_layers = {id(p) for p in layers.parameters()} if isinstance(layers, nn.Module) else set()
+    return next((p.device for p in model.parameters() if id(p) not in in_layers), torch.device("cpu"))
+
+
+def to_device(batch, device: torch.device):
+    """A batch (a tensor, or a tuple or list of them) on `device`."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    return type(batch)(to_device(item, device) for item in batch)
+
+
 @dataclass
 class SampleRequest:
     """What `diffusionblocks sample` asks of a generative task; None = the task's default."""
@@ -38,7 +55,8 @@ class Task(Protocol):
     level_name: str   # what block_loss's noise levels are: "sigma", or "t" for masking
 
     def train_batch(self, step: int, batch_size: int, seed: int, generator: torch.Generator) -> Any:
-        """Batch `step` of the run: a pure function of (seed, step) and draws from `generator`."""
+        """Batch `step` of the run: a pure function of (seed, step) and draws from `generator`,
+        on the CPU (the trainer moves it to the model's device)."""
 
     def block_loss(self, batch, block: int, plan: BlockPartition,
                    generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

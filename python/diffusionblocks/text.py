@@ -6,7 +6,8 @@ same Python version. `--set model.data=FILE` trains on a user's own UTF-8 text i
 Split: the text is cut into contiguous chunks of CHUNK characters and every
 VALIDATION_EVERY-th chunk is held out, so validation text is unseen yet spread over the
 whole corpus. Training batches are random windows drawn from a generator (a pure function
-of the run's seed and step); validation windows are fixed."""
+of the run's seed and step); validation windows are fixed. All of it stays on the CPU: the
+trainer moves training batches to the model's device, the tasks their validation windows."""
 
 from dataclasses import dataclass
 from pathlib import Path

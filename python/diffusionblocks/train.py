@@ -13,6 +13,7 @@ pure function of its config and a resumed run repeats the uninterrupted one bit 
 import contextlib
 import json
 import math
+import os
 import signal
 import tempfile
 import threading
@@ -30,9 +31,10 @@ from .config import TrainConfig, to_dict, validate
 from .errors import ConfigError
 from .logs import MetricsLog, plot_loss_by_block
 from .memory import SavedActivations, optimizer_state_bytes, tensor_bytes
-from .offload import DiskOffload
+from .offload import DiskOffload, HostOffload
 from .parallel import BlockParallel
 from .shared import SharedCopies
+from .task import to_device
 from .tasks import TASKS
 
 OFFLOAD_DIR = "offload"  # in the run directory: the blocks' memory-mapped files
@@ -103,6 +105,42 @@ def recompute_in_backward(layers: torch.nn.ModuleList) -> None:
         layer.forward = lambda *args, forward=forward: checkpoint_layer(forward, *args, use_reentrant=False)
 
 
+def training_device(config: TrainConfig, parallel: BlockParallel | None) -> torch.device:
+    """The device named by config.device; "cuda" without an index is the current GPU, or
+    under torchrun the GPU of the process's local rank."""
+    device = torch.device(config.device)
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device: {config.device} requested, but torch sees no GPU (torch "
+                          f"{torch.__version__}, cuda {torch.version.cuda}); use device=cpu")
+    count = torch.cuda.device_count()
+    if device.index is None:
+        local = int(os.environ.get("LOCAL_RANK", parallel.rank)) if parallel is not None else None
+        device = torch.device("cuda", torch.cuda.current_device() if local is None else local % count)
+    if device.index >= count:
+        raise ConfigError(f"device: {config.device} requested, but torch sees {count} GPU(s)")
+    torch.cuda.set_device(device)
+    return device
+
+
+def place_model(model: torch.nn.Module, device: torch.device, layers_too: bool = True) -> None:
+    """Parameters and buffers on `device`. layers_too=False leaves the residual layers'
+    parameters where they are (offload=cpu keeps them on the host and brings in one block
+    at a time), so a model larger than the GPU never has to fit on it whole."""
+    if layers_too:
+        model.to(device)
+        return
+    in_layers = {id(p) for p in model.layers.parameters()}
+    for p in model.parameters():
+        if id(p) not in in_layers:
+            p.data = p.data.to(device)
+    for module in model.modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None:
+                module._buffers[name] = buffer.to(device)
+
+
 class TrainingError(RuntimeError):
     """A run that cannot go on (e.g. the loss stays non-finite); the message says where."""
 
@@ -138,17 +176,20 @@ class Trainer:
         self.out_dir = Path(out_dir) if out_dir is not None else None
         if config.threads:
             torch.set_num_threads(config.threads)
-        torch.manual_seed(config.seed)  # the initial weights
+        self.parallel = BlockParallel(config.num_blocks, config) if config.parallel == "blocks" else None
+        self.device = training_device(config, self.parallel)
+        torch.manual_seed(config.seed)  # the initial weights: drawn on the CPU, the same on any device
         self.task = TASKS[config.task](config.model)
         self.model = self.task.model
         self.plan = config.partition_plan()
+        host_offload = config.offload == "cpu" and config.mode == "blocks"
+        place_model(self.model, self.device, layers_too=not host_offload)
         self.optimizers = block_optimizers(self.model, self.plan, config, self.task.no_weight_decay())
         self.shared_key = "shared"
         self.shared_copies = None
         if config.shared == "per-block":
             self.shared_copies = SharedCopies(shared_parameters(self.model), self.plan.num_blocks)
             self.plan.listeners.append(self.shared_copies.activate)
-        self.parallel = BlockParallel(self.plan.num_blocks, config) if config.parallel == "blocks" else None
         self.is_main = self.parallel is None or self.parallel.rank == 0  # writes logs, checkpoints, report
         self._synced = dict.fromkeys(SUMMED_COUNTERS, 0)  # counters at the last gather (parallel.py)
         self.offload = None
@@ -156,6 +197,8 @@ class Trainer:
             rank = "" if self.parallel is None else f"-rank{self.parallel.rank}"
             folder = (self.out_dir or Path(tempfile.mkdtemp(prefix="diffusionblocks-"))) / (OFFLOAD_DIR + rank)
             self.offload = DiskOffload(self.model, self.plan, self.optimizers, folder)
+        elif host_offload:
+            self.offload = HostOffload(self.model, self.plan, self.optimizers, self.device)
         if config.activation_checkpointing:
             recompute_in_backward(self.model.layers)
         self.step = 0
@@ -234,6 +277,7 @@ class Trainer:
         batch = self.task.train_batch(step, config.batch_size, config.seed, generator)
         if self.parallel is not None:
             batch, generator = self.parallel.shard(batch, generator)
+        batch = to_device(batch, self.device)
         self.plan.enter(block)
         # Batches are always full, so a block's memory is the same at every step: measure
         # its first step only and keep the hooks off the hot path afterwards.
@@ -437,6 +481,7 @@ class Trainer:
                 "grad_bytes": counters["grad_bytes"],
                 "optimizer_bytes": sum(optimizer_state_bytes(opt) for opt in self.optimizers.values()),
             },
+            "device": str(self.device),
             "backend": dx.backend(parameters[0]),
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,

@@ -35,6 +35,7 @@ import diffusionblocks_ext as dx
 from . import data, sampler, schedule
 from .errors import layer_stack_problems, raise_first
 from .layers import AdaptiveNorm, SigmaEmbedder, TransformerLayer
+from .task import device_of
 
 EVAL_SEED = 0  # the sampler's starting noise at evaluation; fixed so evaluation is repeatable
 
@@ -142,7 +143,8 @@ class ViTClassification:
 
     def block_loss(self, batch, block, plan, generator):
         images, labels = batch
-        sigma = schedule.sample_sigmas(len(labels), plan.training_range(block), generator=generator)
+        sigma = schedule.sample_sigmas(len(labels), plan.training_range(block), generator=generator,
+                                       device=labels.device)
         z, z_in = dx.add_noise(self.target(labels), sigma, generator=generator)
         _, logits = self.denoise(images, z, z_in, sigma, plan.layers(block))
         return self.denoising_loss(logits, labels, sigma), sigma
@@ -150,7 +152,8 @@ class ViTClassification:
     def end_to_end_loss(self, batch, generator):
         images, labels = batch
         logits = self.end_to_end(images)
-        return dx.weighted_cross_entropy(logits, labels, torch.ones(len(labels), dtype=logits.dtype))
+        weight = torch.ones(len(labels), dtype=logits.dtype, device=logits.device)
+        return dx.weighted_cross_entropy(logits, labels, weight)
 
     def no_weight_decay(self):
         return {"pos_embed"}
@@ -158,7 +161,8 @@ class ViTClassification:
     # --- evaluation -------------------------------------------------------------------
     @torch.no_grad()
     def predict(self, images: torch.Tensor, plan, mode: str) -> torch.Tensor:
-        """Logits: the whole stack end to end, or the Euler chain over the blocks."""
+        """Logits (on the model's device): the whole stack end to end, or the Euler chain over the blocks."""
+        images = images.to(device_of(self.model))
         if mode == "e2e":
             return self.end_to_end(images)
         steps = self.options.inference_steps or plan.num_blocks
@@ -167,7 +171,8 @@ class ViTClassification:
 
     def evaluate(self, plan, mode):
         logits = self.predict(self.data.test_images, plan, mode)
-        return {"test_accuracy": (logits.argmax(dim=-1) == self.data.test_labels).float().mean().item()}
+        predicted = logits.argmax(dim=-1).cpu()  # the test labels stay on the CPU
+        return {"test_accuracy": (predicted == self.data.test_labels).float().mean().item()}
 
     def finish(self, plan, mode, out_dir):
         """SPEC §6 leaves the sampler's E open: measure the other choice on the same weights."""

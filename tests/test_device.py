@@ -1,0 +1,128 @@
+"""Every task keeps its tensors on the model's device (the trainer's `device` option).
+
+On a machine without a GPU the model goes to the meta device: any tensor a task makes on
+the CPU and mixes with the model's raises there exactly as it would on CUDA, so CI catches
+device mix-ups in the training step of every task. The evaluation paths read values back
+(.item()), which meta tensors cannot; the CUDA tests below cover them on a GPU."""
+
+import json
+
+import pytest
+import torch
+
+from diffusionblocks.config import PRESETS
+from diffusionblocks.task import to_device
+from diffusionblocks.tasks import TASKS
+
+from conftest import tiny_config
+
+TINY = sorted(name for name in PRESETS if name.endswith("-tiny"))
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def task_on(preset: str, device, **changes):
+    config = tiny_config(preset, **changes)
+    task = TASKS[config.task](config.model)
+    task.model.to(device)
+    return config, task
+
+
+@pytest.mark.parametrize("preset", TINY)
+def test_block_losses_stay_on_the_model_device(preset):
+    config, task = task_on(preset, "meta")
+    plan = config.partition_plan()
+    for block in range(plan.num_blocks):
+        generator = torch.Generator().manual_seed(block)
+        batch = to_device(task.train_batch(block, 4, 0, generator), torch.device("meta"))
+        loss, levels = task.block_loss(batch, block, plan, generator)
+        assert loss.device.type == "meta" and loss.shape == (4,)
+        assert levels.device.type == "meta" and levels.shape == (4,)
+
+
+@pytest.mark.parametrize("preset", TINY)
+def test_end_to_end_loss_stays_on_the_model_device(preset):
+    config, task = task_on(preset, "meta", mode="e2e")
+    generator = torch.Generator().manual_seed(0)
+    batch = to_device(task.train_batch(0, 4, 0, generator), torch.device("meta"))
+    loss = task.end_to_end_loss(batch, generator)
+    assert loss.device.type == "meta" and loss.shape == (4,)
+
+
+# --- on a GPU (skipped without one; scripts/gpu_check.sh runs them) ------------------------
+
+def gpu_config(preset: str, **changes):
+    return tiny_config(preset, **{"device": "cuda", "steps": 4, "checkpoint_every": 4, **changes})
+
+
+@requires_cuda
+@pytest.mark.parametrize("preset", TINY)
+def test_a_gpu_step_matches_the_cpu_step(preset, tmp_path):
+    """Same batch, σ's and Philox noise on both devices: the first loss agrees to float rounding."""
+    from diffusionblocks.train import Trainer
+
+    losses = {device: Trainer(tiny_config(preset, device=device), tmp_path / device).train_step(0)["loss"]
+              for device in ("cpu", "cuda")}
+    assert losses["cuda"] == pytest.approx(losses["cpu"], rel=2e-4, abs=1e-6)
+
+
+@requires_cuda
+@pytest.mark.parametrize("preset", TINY)
+def test_a_gpu_run_trains_evaluates_samples_and_evaluates_again_on_the_cpu(preset, tmp_path):
+    from diffusionblocks import cli
+    from diffusionblocks.train import Trainer
+
+    out = tmp_path / "run"
+    trainer = Trainer(gpu_config(preset), out)
+    report = trainer.run()
+    assert report["device"].startswith("cuda") and report["backend"] in ("ext-cuda", "reference")
+    assert all(p.device.type == "cuda" for p in trainer.model.parameters())
+    floats = {k: v for k, v in report["metrics"].items() if isinstance(v, float)}
+    assert floats and all(torch.isfinite(torch.tensor(v)) for v in floats.values())
+    if hasattr(trainer.task, "sample"):
+        assert cli.main(["sample", str(out), "--count", "1", "--out", str(tmp_path / "sample")]) == 0
+    assert cli.main(["eval", str(out), "--device", "cpu"]) == 0
+
+
+@requires_cuda
+def test_gpu_host_offload_keeps_one_block_on_the_gpu_and_trains_like_no_offload(tmp_path):
+    from diffusionblocks.offload import STATE_KEYS
+    from diffusionblocks.train import Trainer
+
+    trainers = {}
+    for offload in ("none", "cpu"):
+        trainers[offload] = Trainer(gpu_config("vit-digits-tiny", layers=4, offload=offload, steps=8), tmp_path / offload)
+        trainers[offload].run()
+    plain, offloaded = trainers["none"], trainers["cpu"]
+    for p, q in zip(plain.model.parameters(), offloaded.model.parameters()):
+        torch.testing.assert_close(q.detach().cpu(), p.detach().cpu(), rtol=1e-5, atol=1e-6)
+    host = offloaded.offload
+    for block, params in enumerate(host.params):
+        state = offloaded.optimizers[f"block{block}"].state
+        want = "cuda" if block == host.active else "cpu"
+        for p in params:
+            assert p.device.type == want and host.buffers[(id(p), "param")].is_pinned()
+            assert all(state[p][key].device.type == want for key in STATE_KEYS if key in state.get(p, {}))
+    shared = [p for n, p in offloaded.model.named_parameters() if not n.startswith("layers.")]
+    assert shared and all(p.device.type == "cuda" for p in shared)
+
+
+@requires_cuda
+def test_memory_bench_measures_the_gpu_peak_with_host_offload():
+    from diffusionblocks import bench_memory
+
+    spec = {"name": "blocks B=2 + offload", "preset": "vit-digits-tiny", "steps_per_block": 1, "threads": 1,
+            "device": "cuda", "overrides": ["model.layers=4", "blocks=2", "offload=cpu"]}
+    result = bench_memory.worker(spec)
+    assert result["device"].startswith("cuda") and result["peak_bytes"] > 0
+    assert result["param_bytes"] < result["param_bytes_total"]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs a GPU per process")
+def test_block_parallel_on_two_gpus_with_nccl(tmp_path):
+    from test_parallel import FIELDS, torchrun
+
+    done = torchrun(2, "vit-digits-tiny", "--parallel", "blocks", "--device", "cuda", "--out", str(tmp_path),
+                    "--set", *FIELDS, "shared=per-block")
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["steps"] == 18 and report["device"] == "cuda:0"
