@@ -9,8 +9,12 @@
 #   2. cross-check   -> RESULTS_DIR/crosscheck.log   (CUDA vs CPU kernel vs reference, same seeds;
 #                                                      plain python, runs with or without pytest)
 #   3. op tests      -> RESULTS_DIR/tests.log        (the op tests, DBX_REQUIRE_EXT=1, xdist if present)
-#   4. benchmark     -> RESULTS_DIR/bench_cuda.{json,md,log}
-#   5. summary       -> RESULTS_DIR/summary.md
+#   4. trainer tests -> RESULTS_DIR/trainer_tests.log (every task trains, evaluates, samples on the GPU;
+#                                                      offload=cpu; the memory bench worker)
+#   5. memory bench  -> RESULTS_DIR/memory_gpu/{memory.json,memory.png}, memory_gpu.log
+#                       (`bench memory --device cuda`, L=12 width 256, B=4)
+#   6. op benchmark  -> RESULTS_DIR/bench_cuda.{json,md,log}
+#   7. summary       -> RESULTS_DIR/summary.md
 #
 # Every step runs under `timeout` against one overall deadline (GPU_CHECK_BUDGET seconds,
 # default 330, so the whole script ends inside 6 minutes); a failed or timed-out step is
@@ -295,7 +299,7 @@ run_step "cross-check (cuda vs cpu vs reference)" "$(cap 60 150)" \
 
 # ------------------------------------------------------------------------------ 3. tests
 section "3. op tests (DBX_REQUIRE_EXT=1; CUDA tests run since a GPU is visible)"
-# The op tests are the ones with CUDA cases (the trainer runs on the CPU); the CPU-only rest
+# The op tests are the ones with CUDA cases (the trainer's are step 4); the CPU-only rest
 # of the suite is CI's job. pytest-xdist spreads them over the cores when it is installed.
 OP_TESTS=(tests/test_ops.py tests/test_noise.py tests/test_bad_inputs.py tests/test_dispatcher.py
           tests/test_constants.py tests/test_errors.py)
@@ -310,8 +314,23 @@ else
     STATUS_LINES+=("| pytest tests | NOT RUN (pytest missing; see cross-check) | 0 | tests.log |")
 fi
 
-# ------------------------------------------------------------------------------ 4. benchmark
-section "4. op benchmark on CUDA"
+# ------------------------------------------------------------------------------ 4. trainer tests
+section "4. trainer on the GPU (device=cuda, offload=cpu)"
+if [ "$HAVE_PYTEST" -eq 1 ]; then
+    run_step "pytest trainer on cuda" "$(cap 120 90)" "$RESULTS/trainer_tests.log" \
+        env DBX_REQUIRE_EXT=1 PYTHONPATH="$ROOT/python:$ROOT" "$PY" -m pytest tests/test_device.py \
+        tests/test_offload.py -q -rfEs \
+        --maxfail=10 -p no:cacheprovider --durations=10
+fi
+
+# ------------------------------------------------------------------------------ 5. memory bench
+section "5. memory benchmark on the GPU"
+run_step "bench memory (cuda)" "$(cap 120 60)" "$RESULTS/memory_gpu.log" \
+    env DBX_REQUIRE_EXT=1 PYTHONPATH="$ROOT/python:$ROOT" "$PY" -m diffusionblocks bench memory \
+    --device cuda --blocks 4 --out "$RESULTS/memory_gpu"
+
+# ------------------------------------------------------------------------------ 6. benchmark
+section "6. op benchmark on CUDA"
 BENCH_LIMIT=$(left 8)
 BENCH_ARGS=(--device cuda --sizes "16,20,22,24" --min-time 0.1 --max-time 0.5
             --out "$RESULTS/bench_cuda.json" --markdown "$RESULTS/bench_cuda.md")
@@ -323,7 +342,7 @@ run_step "benchmark (cuda)" "$BENCH_LIMIT" "$RESULTS/bench_cuda.log" \
     env DBX_REQUIRE_EXT=1 "$PY" -m diffusionblocks_ext.bench "${BENCH_ARGS[@]}"
 
 # ------------------------------------------------------------------------------ 5. summary
-section "5. summary"
+section "7. summary"
 {
     echo "# GPU check $(date -Is)"
     echo
@@ -345,6 +364,13 @@ section "5. summary"
     echo "## tests"
     { grep -E '^(FAILED|ERROR)' "$RESULTS/tests.log"; tail -n 1 "$RESULTS/tests.log"; } 2>/dev/null \
         | head -30 | sed 's/^/    /'
+    echo
+    echo "## trainer tests"
+    { grep -E '^(FAILED|ERROR)' "$RESULTS/trainer_tests.log"; tail -n 1 "$RESULTS/trainer_tests.log"; } \
+        2>/dev/null | head -20 | sed 's/^/    /'
+    echo
+    echo "## memory (bench memory --device cuda)"
+    grep -E '^\|' "$RESULTS/memory_gpu.log" 2>/dev/null || echo "no table (see memory_gpu.log)"
     echo
     echo "## benchmark"
     if [ -s "$RESULTS/bench_cuda.md" ]; then
