@@ -257,7 +257,7 @@ for dtype in (torch.float32, torch.float64, torch.bfloat16):
                 (r(), r(), r(), r(), s, sn), dtype, grad_wrt=(0, 1))
         run(f"edm_loss {tag}", lambda m: (lambda F, z, y, s: m.edm_loss(F, z, y, s)), (r(), r(), r(), s),
             dtype, grad_wrt=(0, 1, 2))
-    for shape in ((1, 3), (5, 1000), (4, 3, 37)):
+    for shape in ((1, 3), (6, 200), (5, 1000), (4, 3, 37), (3, 2000)):
         logits = (3 * torch.randn(*shape, generator=g)).to(dtype)
         target = torch.randint(0, shape[-1], shape[:-1], generator=g)
         if len(shape) == 3:

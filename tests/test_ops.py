@@ -170,7 +170,10 @@ def test_linear_op_gradients_match_reference(device, dtype):
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-@pytest.mark.parametrize("shape", [(1, 1), (4, 10), (3, 1001), (2, 5, 7), (3, 17, 130)])
+# C <= 64, 64 < C <= 256 and 256 < C <= 1024 (each with and without whole 16-byte packs
+# per row), and longer rows: every CUDA kernel variant.
+@pytest.mark.parametrize("shape", [(1, 1), (4, 10), (3, 1001), (2, 5, 7), (3, 17, 130), (4, 3, 256), (2, 520),
+                                   (2, 1500)])
 def test_weighted_cross_entropy_matches_reference(device, dtype, shape):
     g = torch.Generator().manual_seed(sum(shape))
     logits = rand(*shape, dtype=dtype, device=device, generator=g, low=-8, high=8)

@@ -127,11 +127,11 @@ Tensor edm_loss(const Tensor& F, const Tensor& z, const Tensor& y, const Tensor&
     const bool aligned = is_aligned(fp, 16) && is_aligned(zp, 16) && is_aligned(yp, 16);
 
     if (cols <= kWarpRowMax) {
-      const int64_t blocks = grid_blocks(rows, 32);
       auto go = [&](auto aligned_tag, auto index_tag) {
         constexpr int V = decltype(aligned_tag)::value ? kVec : 1;
         using index_t = typename decltype(index_tag)::type;
-        edm_loss_warp_kernel<V, index_t><<<blocks, kThreads, 0, stream>>>(
+        const auto kernel = edm_loss_warp_kernel<V, index_t, scalar_t>;
+        kernel<<<grid_blocks(kernel, rows, 32), kThreads, 0, stream>>>(
             fp, zp, yp, sp, sd, static_cast<index_t>(rows), static_cast<index_t>(cols), op);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
@@ -311,6 +311,58 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Mid-size rows (C <= 32·E): one warp per position, the whole row in registers. Each lane
+// loads its E values (N packs of VEC) before any arithmetic, so a warp keeps E/VEC loads
+// in flight instead of one; then the exact max, one exp per value (no running rescale)
+// and a warp sum. Padding slots hold −inf and add nothing. VEC > 1 needs rows that start
+// on a pack boundary (C a multiple of VEC and an aligned base).
+template <int E, int VEC, typename index_t, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+__global__ void __launch_bounds__(kThreads)
+    ce_warp_kernel(const scalar_t* x, const int64_t* target, index_t positions, index_t C, int64_t ignore_index,
+                   const acc_t* weight, acc_t* lse, acc_t* out) {
+  static_assert(E % VEC == 0, "a lane holds whole packs");
+  constexpr int N = E / VEC;
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  const index_t lane = threadIdx.x % 32;
+  const index_t warps = static_cast<index_t>(gridDim.x) * (kThreads / 32);
+  // p is the same for the 32 lanes of a warp, so the shuffles see full warps.
+  for (index_t p = (static_cast<index_t>(blockIdx.x) * kThreads + threadIdx.x) / 32; p < positions; p += warps) {
+    const scalar_t* row = x + p * C;
+    acc_t v[N][VEC];
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      const index_t c = (static_cast<index_t>(k) * 32 + lane) * VEC;
+      if (c < C) {  // C % VEC == 0: a pack is all in or all out
+        const Pack<scalar_t, VEC> pk = *reinterpret_cast<const Pack<scalar_t, VEC>*>(row + c);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) v[k][j] = static_cast<acc_t>(pk.v[j]);
+      } else {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) v[k][j] = kNegInf;
+      }
+    }
+    acc_t m = kNegInf;
+#pragma unroll
+    for (int k = 0; k < N; ++k)
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) m = v[k][j] > m ? v[k][j] : m;
+#pragma unroll
+    for (int d = 16; d > 0; d >>= 1) {
+      const acc_t o = __shfl_xor_sync(0xffffffffu, m, d);
+      m = o > m ? o : m;
+    }
+    // A row of −inf (nothing finite): shift by 0 so every term is exp(−inf) = 0, lse = −inf.
+    const acc_t shift = m == kNegInf ? acc_t(0) : m;
+    acc_t sum = 0;
+#pragma unroll
+    for (int k = 0; k < N; ++k)
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) sum += std::exp(v[k][j] - shift);
+    sum = warp_sum(sum);
+    if (lane == 0) write_position(x, target, p, C, ignore_index, weight, MaxSum<acc_t>{m, sum}, lse, out);
+  }
+}
+
 // Long rows: a block per position.
 template <int VEC, typename index_t, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 __global__ void __launch_bounds__(kThreads)
@@ -370,22 +422,30 @@ std::tuple<Tensor, Tensor> weighted_cross_entropy(const Tensor& logits, const Te
     acc_t* lp = lse.mutable_data_ptr<acc_t>();
     acc_t* cp = ce.mutable_data_ptr<acc_t>();
     const acc_t* first_weight = T == 1 ? wp : nullptr;
-    const bool aligned = is_aligned(xp, 16);
+    // The warp kernel loads whole packs per row; the others handle each row's ends.
+    const bool aligned = is_aligned(xp, 16) && (C > 1024 || C <= 64 || C % kVec == 0);
     auto go = [&](auto aligned_tag, auto index_tag) {
       constexpr int V = decltype(aligned_tag)::value ? kVec : 1;
       using index_t = typename decltype(index_tag)::type;
       const auto P_ = static_cast<index_t>(P);
       const auto C_ = static_cast<index_t>(C);
+      // A warp per position from 64 columns on; E values per lane hold rows up to 32·E.
+      auto warp_per_row = [&](auto kernel) {
+        kernel<<<grid_blocks(kernel, P, 32), kThreads, 0, stream>>>(xp, tp, P_, C_, ignore_index, first_weight, lp,
+                                                                    cp);
+      };
       if (C <= 64) {
-        ce_group_kernel<4, V, index_t><<<grid_blocks(P, 4), kThreads, 0, stream>>>(xp, tp, P_, C_, ignore_index,
-                                                                                 first_weight, lp, cp);
+        const auto kernel = ce_group_kernel<4, V, index_t, scalar_t>;
+        kernel<<<grid_blocks(kernel, P, 4), kThreads, 0, stream>>>(xp, tp, P_, C_, ignore_index, first_weight, lp,
+                                                                   cp);
+      } else if (C <= 256) {
+        warp_per_row(ce_warp_kernel<8, V, index_t, scalar_t>);
       } else if (C <= 1024) {
-        ce_group_kernel<32, V, index_t><<<grid_blocks(P, 32), kThreads, 0, stream>>>(xp, tp, P_, C_, ignore_index,
-                                                                                   first_weight, lp, cp);
+        warp_per_row(ce_warp_kernel<32, V, index_t, scalar_t>);
       } else {
-        const int64_t blocks = std::min<int64_t>(P, int64_t(sm_count()) * kBlocksPerSM);
-        ce_block_kernel<V, index_t><<<blocks, kThreads, 0, stream>>>(xp, tp, P_, C_, ignore_index, first_weight,
-                                                                     lp, cp);
+        const auto kernel = ce_block_kernel<V, index_t, scalar_t>;
+        kernel<<<grid_blocks(kernel, P, kThreads), kThreads, 0, stream>>>(xp, tp, P_, C_, ignore_index, first_weight,
+                                                                          lp, cp);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
@@ -412,7 +472,7 @@ template <typename acc_t> struct CeGradOp {
   __device__ Coef coef(uint64_t row) const {
     const int64_t t = target[row];
     if (t == ignore_index) return {acc_t(0), acc_t(0), -1, true};
-    const uint64_t n = row / T;
+    const uint64_t n = T == 1 ? row : row / T;  // skips a 64-bit division per chunk in the common case
     acc_t g = grad[n] * weight[n] / static_cast<acc_t>(T);
     if (t < 0 || t >= C) g = std::numeric_limits<acc_t>::quiet_NaN();
     return {lse[row], g, t, false};

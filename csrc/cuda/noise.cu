@@ -47,7 +47,8 @@ void sample_sigma_(Tensor& out, double sigma_lo, double sigma_hi, int64_t seed, 
   const LognormalRange range = dbx::lognormal_range(sigma_lo, sigma_hi, p_mean, p_std);
   Tensor dst = out.is_contiguous() ? out : at::empty({n}, out.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "sample_sigma_cuda", [&] {
-    sample_sigma_kernel<scalar_t><<<grid_blocks(n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+    const auto kernel = sample_sigma_kernel<scalar_t>;
+    kernel<<<grid_blocks(kernel, n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         dst.mutable_data_ptr<scalar_t>(), n, range, static_cast<uint64_t>(offset), static_cast<uint64_t>(seed));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
