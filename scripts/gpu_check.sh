@@ -319,7 +319,7 @@ section "4. trainer on the GPU (device=cuda, offload=cpu)"
 if [ "$HAVE_PYTEST" -eq 1 ]; then
     run_step "pytest trainer on cuda" "$(cap 120 90)" "$RESULTS/trainer_tests.log" \
         env DBX_REQUIRE_EXT=1 PYTHONPATH="$ROOT/python:$ROOT" "$PY" -m pytest tests/test_device.py \
-        tests/test_offload.py -q -rfEs \
+        tests/test_offload.py "${XDIST[@]}" -q -rfEs \
         --maxfail=10 -p no:cacheprovider --durations=10
 fi
 
