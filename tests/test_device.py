@@ -84,24 +84,24 @@ def test_a_gpu_run_trains_evaluates_samples_and_evaluates_again_on_the_cpu(prese
 
 
 @requires_cuda
-def test_gpu_host_offload_keeps_one_block_on_the_gpu_and_trains_like_no_offload(tmp_path):
-    from diffusionblocks.offload import STATE_KEYS
+@pytest.mark.parametrize("shared", ["global", "per-block"])
+def test_gpu_host_offload_keeps_one_block_on_the_gpu_and_trains_like_no_offload(tmp_path, shared):
     from diffusionblocks.train import Trainer
 
     trainers = {}
     for offload in ("none", "cpu"):
-        trainers[offload] = Trainer(gpu_config("vit-digits-tiny", layers=4, offload=offload, steps=8), tmp_path / offload)
+        config = gpu_config("vit-digits-tiny", layers=4, offload=offload, steps=8, shared=shared)
+        trainers[offload] = Trainer(config, tmp_path / offload)
         trainers[offload].run()
     plain, offloaded = trainers["none"], trainers["cpu"]
     for p, q in zip(plain.model.parameters(), offloaded.model.parameters()):
         torch.testing.assert_close(q.detach().cpu(), p.detach().cpu(), rtol=1e-5, atol=1e-6)
     host = offloaded.offload
-    for block, params in enumerate(host.params):
-        state = offloaded.optimizers[f"block{block}"].state
+    for block, slots in enumerate(host.slots):
         want = "cuda" if block == host.active else "cpu"
-        for p in params:
-            assert p.device.type == want and host.buffers[(id(p), "param")].is_pinned()
-            assert all(state[p][key].device.type == want for key in STATE_KEYS if key in state.get(p, {}))
+        for key, slot in slots.items():
+            if slot.get() is not None:
+                assert slot.get().device.type == want and host.buffers[key].is_pinned(), key
     shared = [p for n, p in offloaded.model.named_parameters() if not n.startswith("layers.")]
     assert shared and all(p.device.type == "cuda" for p in shared)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from diffusionblocks import config as C
-from diffusionblocks.offload import STATE_KEYS, HostOffload
+from diffusionblocks.offload import HostOffload
 from diffusionblocks.train import Trainer
 
 from conftest import whole_and_resumed
@@ -67,52 +67,55 @@ def host_offloaded(config, out) -> Trainer:
     """A CPU trainer whose blocks swap through HostOffload exactly as they would on a GPU;
     the "device" copies are CPU copies here, so the bookkeeping runs without a GPU."""
     trainer = Trainer(config, out)
-    trainer.offload = HostOffload(trainer.model, trainer.plan, trainer.optimizers, torch.device("cpu"))
+    trainer.offload = HostOffload(trainer.model, trainer.plan, trainer.optimizers, torch.device("cpu"),
+                                  trainer.shared_copies)
     return trainer
 
 
 def snapshot(trainer) -> dict:
-    """Every block parameter and AdamW moment, copied."""
-    values = {}
-    for block, params in enumerate(trainer.offload.params):
-        state = trainer.optimizers[f"block{block}"].state
-        for i, p in enumerate(params):
-            values[(block, i)] = p.detach().clone()
-            values.update({(block, i, key): state[p][key].clone() for key in STATE_KEYS if key in state.get(p, {})})
-    return values
+    """Every tensor that moves with a block (parameters, moments, shared copies), copied."""
+    return {key: slot.get().clone() for slots in trainer.offload.slots for key, slot in slots.items()
+            if slot.get() is not None}
 
 
 def assert_only_active_block_off_host(trainer) -> None:
     offload = trainer.offload
-    for block, params in enumerate(offload.params):
-        state = trainer.optimizers[f"block{block}"].state
-        for p in params:
-            tensors = {"param": p.data} | {key: state[p][key] for key in STATE_KEYS if key in state.get(p, {})}
-            for key, tensor in tensors.items():
-                on_host = tensor.data_ptr() == offload.buffers[(id(p), key)].data_ptr()
-                assert on_host == (block != offload.active), (block, key)
+    for block, slots in enumerate(offload.slots):
+        for key, slot in slots.items():
+            if slot.get() is not None:
+                on_host = slot.get().data_ptr() == offload.buffers[key].data_ptr()
+                assert on_host == (block != offload.active), key
+    if trainer.shared_copies is not None:  # the shared modules run with the active block's copy
+        active = trainer.shared_copies.copies[offload.active]
+        assert all(p.data_ptr() == active[name].data_ptr() for name, p in trainer.shared_copies.params.items())
 
 
-@pytest.mark.parametrize("schedule", ["random", "round-robin"])
-def test_host_offload_trains_bit_identically_and_resumes(tmp_path, schedule):
-    plain = Trainer(tiny(block_schedule=schedule), tmp_path / "plain")
+@pytest.mark.parametrize("schedule, shared", [("random", "global"), ("round-robin", "global"),
+                                              ("random", "per-block")])
+def test_host_offload_trains_bit_identically_and_resumes(tmp_path, schedule, shared):
+    plain = Trainer(tiny(block_schedule=schedule, shared=shared), tmp_path / "plain")
     expected_report = plain.run()
-    assert host_offloaded(tiny(block_schedule=schedule), tmp_path / "host").run(stop_after=7) is None
-    resumed = host_offloaded(tiny(block_schedule=schedule), tmp_path / "host")
+    assert host_offloaded(tiny(block_schedule=schedule, shared=shared), tmp_path / "host").run(stop_after=7) is None
+    resumed = host_offloaded(tiny(block_schedule=schedule, shared=shared), tmp_path / "host")
     report = resumed.run(resume=True)
     expected = weights(plain)
     assert all(torch.equal(p, expected[n]) for n, p in resumed.model.named_parameters())
     assert report["metrics"] == expected_report["metrics"]
+    if shared == "per-block":
+        for mine, theirs in zip(resumed.shared_copies.copies, plain.shared_copies.copies):
+            assert all(torch.equal(mine[n], theirs[n]) for n in mine)
     assert resumed.offload.active is not None
     assert_only_active_block_off_host(resumed)
 
 
-def test_host_offload_round_trips_leave_weights_and_moments_bit_identical(tmp_path):
-    trainer = host_offloaded(tiny(e2e_steps=4), tmp_path)
+@pytest.mark.parametrize("shared", ["global", "per-block"])
+def test_host_offload_round_trips_leave_every_moved_tensor_bit_identical(tmp_path, shared):
+    trainer = host_offloaded(tiny(e2e_steps=4, shared=shared), tmp_path)
     for step in range(6):
         trainer.train_step(step)
     before = snapshot(trainer)
-    assert any(len(key) == 3 for key in before)  # moments exist
+    assert any("exp_avg" in key for key in before)  # moments exist
+    assert (shared == "per-block") == any("shared" in key for key in before)
     for block in [1, 0, 1, 1, 0]:
         trainer.plan.enter(block)
         assert_only_active_block_off_host(trainer)

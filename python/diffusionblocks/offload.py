@@ -32,57 +32,80 @@ def _block_parameters(model: torch.nn.Module, plan, block: int) -> list[torch.nn
     return [p for i in plan.layer_range(block) for p in model.layers[i].parameters()]
 
 
+class _Slot:
+    """One tensor that moves with a block: read and replaced through the object that holds
+    it (a parameter's .data, an optimizer state entry, a per-block shared copy)."""
+
+    def __init__(self, get, put):
+        self.get, self.put = get, put
+
+
 class HostOffload:
     """The blocks of a partition in host memory, the active one on `device`.
 
-    Each parameter and AdamW moment has a host buffer (pinned when the device is a GPU, so
-    copies run at full PCIe speed). A tensor is "on the device" while its `.data` (or its
-    optimizer state entry) is a device copy, and on the host while it is the buffer itself.
-    With device=cpu the same swaps happen between two CPU copies: tests use that to check
-    the bookkeeping on machines without a GPU; training on the CPU uses DiskOffload."""
+    A block is its layers' parameters and AdamW moments, and with `shared=per-block` its
+    copy of the shared modules and that copy's moments too. Each such tensor has a host
+    buffer (pinned when the device is a GPU, so copies run at full PCIe speed); it is on the
+    device while its holder refers to a device copy, on the host while it refers to the
+    buffer itself. With device=cpu the same swaps happen between two CPU copies: tests use
+    that to check the bookkeeping without a GPU; training on the CPU uses DiskOffload."""
 
-    def __init__(self, model: torch.nn.Module, plan, optimizers: dict, device: torch.device):
-        self.device, self.optimizers = torch.device(device), optimizers
+    def __init__(self, model: torch.nn.Module, plan, optimizers: dict, device: torch.device, shared_copies=None):
+        self.device, self.optimizers, self.shared_copies = torch.device(device), optimizers, shared_copies
         self.pin = self.device.type == "cuda"
         self.params = [_block_parameters(model, plan, block) for block in range(plan.num_blocks)]
-        self.buffers: dict[tuple[int, str], torch.Tensor] = {}  # (id(param), "param" or moment) -> host
-        self.active = None
-        for block in range(plan.num_blocks):
-            self._to_host(block)
+        self.slots = [self._block_slots(block) for block in range(plan.num_blocks)]
+        self.buffers: dict[tuple, torch.Tensor] = {}  # slot key -> its host buffer
+        self.adopt_all()
         plan.listeners.append(self.activate)  # training and inference alike
 
-    def _host(self, p: torch.nn.Parameter, key: str, value: torch.Tensor) -> torch.Tensor:
-        """`value` in the host buffer of (p, key); the buffer itself when it already is."""
-        buffer = self.buffers.get((id(p), key))
-        if buffer is None:
-            buffer = torch.empty(value.shape, dtype=value.dtype, pin_memory=self.pin)
-            self.buffers[(id(p), key)] = buffer
-        if buffer.data_ptr() != value.data_ptr():
-            buffer.copy_(value)
-        return buffer
+    def _moment_slots(self, block: int, optimizer: str, params) -> dict[tuple, _Slot]:
+        """AdamW's moments of `params` in self.optimizers[optimizer] (looked up on each use:
+        load_state_dict replaces the optimizer's state dict)."""
+        state = lambda: self.optimizers[optimizer].state
+        return {(block, optimizer, id(p), key): _Slot(lambda p=p, key=key: state().get(p, {}).get(key),
+                                                      lambda t, p=p, key=key: state()[p].__setitem__(key, t))
+                for p in params for key in STATE_KEYS}
+
+    def _block_slots(self, block: int) -> dict[tuple, _Slot]:
+        slots = {(block, "param", id(p)): _Slot(lambda p=p: p.data, lambda t, p=p: setattr(p, "data", t))
+                 for p in self.params[block]}
+        slots.update(self._moment_slots(block, f"block{block}", self.params[block]))
+        if self.shared_copies is not None:
+            copy = self.shared_copies.copies[block]
+            slots.update({(block, "shared", name): _Slot(lambda name=name: copy[name],
+                                                         lambda t, name=name: copy.__setitem__(name, t))
+                          for name in copy})
+            slots.update(self._moment_slots(block, f"shared{block}", self.shared_copies.params.values()))
+        return slots
 
     def _to_host(self, block: int) -> None:
-        state = self.optimizers[f"block{block}"].state
-        for p in self.params[block]:
-            p.data = self._host(p, "param", p.data)
-            for key in STATE_KEYS:
-                if key in state.get(p, {}):
-                    state[p][key] = self._host(p, key, state[p][key])
+        for key, slot in self.slots[block].items():
+            value = slot.get()
+            if value is None:  # a moment AdamW has not created yet
+                continue
+            buffer = self.buffers.get(key)
+            if buffer is None:
+                buffer = self.buffers[key] = torch.empty(value.shape, dtype=value.dtype, pin_memory=self.pin)
+            if buffer.data_ptr() != value.data_ptr():
+                buffer.copy_(value)  # synchronous: the buffer is final when it returns
+            slot.put(buffer)
 
     def _to_device(self, block: int) -> None:
-        state = self.optimizers[f"block{block}"].state
-        for p in self.params[block]:
-            # non_blocking from pinned memory: the copies queue on the stream the block's
-            # kernels then run on, so they are ordered without waiting here
-            p.data = p.data.to(self.device, non_blocking=True, copy=True)
-            for key in STATE_KEYS:
-                if key in state.get(p, {}):
-                    state[p][key] = state[p][key].to(self.device, non_blocking=True, copy=True)
+        for slot in self.slots[block].values():
+            value = slot.get()
+            if value is not None:
+                # non_blocking from pinned memory: the copies queue on the stream the block's
+                # kernels then run on, so they are ordered without waiting here
+                slot.put(value.to(self.device, non_blocking=True, copy=True))
+        if self.shared_copies is not None:  # point the shared modules at the copy now on the device
+            self.shared_copies.active = None
+            self.shared_copies.activate(block)
 
     def activate(self, block: int) -> None:
         if block != self.active:
             if self.active is not None:
-                self._to_host(self.active)  # a synchronous copy: the buffers are final when it returns
+                self._to_host(self.active)
             self._to_device(block)
             self.active = block
 
@@ -91,11 +114,13 @@ class HostOffload:
         until the block is left; nothing to do."""
 
     def adopt_all(self) -> None:
-        """After a resume loaded weights and optimizer state (onto whichever side each
-        parameter was): every block to the host; the next block entered comes back."""
-        for block in range(len(self.params)):
+        """Every block to the host (at the start, and after a resume loaded weights and
+        optimizer state wherever each tensor was); the next block entered comes back."""
+        for block in range(len(self.slots)):
             self._to_host(block)
         self.active = None
+        if self.shared_copies is not None:
+            self.shared_copies.active = None  # the shared modules must be pointed at a copy again
 
     def release(self) -> None:
         """Saving reads the tensors where they are; nothing is brought in."""

@@ -198,7 +198,7 @@ class Trainer:
             folder = (self.out_dir or Path(tempfile.mkdtemp(prefix="diffusionblocks-"))) / (OFFLOAD_DIR + rank)
             self.offload = DiskOffload(self.model, self.plan, self.optimizers, folder)
         elif host_offload:
-            self.offload = HostOffload(self.model, self.plan, self.optimizers, self.device)
+            self.offload = HostOffload(self.model, self.plan, self.optimizers, self.device, self.shared_copies)
         if config.activation_checkpointing:
             recompute_in_backward(self.model.layers)
         self.step = 0
