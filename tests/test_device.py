@@ -126,3 +126,29 @@ def test_block_parallel_on_two_gpus_with_nccl(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["steps"] == 18 and report["device"] == "cuda:0"
+
+
+def test_cuda_device_choice_follows_the_index_or_the_local_rank(monkeypatch):
+    """The device logic alone, with torch.cuda's answers stubbed (no GPU needed)."""
+    from types import SimpleNamespace
+
+    from diffusionblocks.errors import ConfigError
+    from diffusionblocks.train import training_device
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    config = tiny_config("vit-digits-tiny", device="cuda")
+    assert training_device(config, None) == torch.device("cuda", 1)  # the current GPU
+    monkeypatch.setenv("LOCAL_RANK", "6")
+    assert training_device(config, SimpleNamespace(rank=6)) == torch.device("cuda", 2)  # 6 mod 4 GPUs
+    config.device = "cuda:3"
+    assert training_device(config, SimpleNamespace(rank=0)) == torch.device("cuda", 3)  # an index wins
+    assert chosen == [torch.device("cuda", 1), torch.device("cuda", 2), torch.device("cuda", 3)]
+    config.device = "cuda:4"
+    with pytest.raises(ConfigError, match=r"^device: cuda:4 requested, but torch sees 4 GPU\(s\)"):
+        training_device(config, None)
+    config.device = "cpu"
+    assert training_device(config, None) == torch.device("cpu") and len(chosen) == 3

@@ -82,3 +82,19 @@ def test_processes_that_do_not_divide_the_blocks_are_refused(tmp_path):
                     "--set", *FIELDS, "shared=per-block")  # 4 processes, B = 3
     assert done.returncode != 0
     assert "parallel: 4 processes cannot split evenly over B=3 blocks" in done.stderr
+
+
+@pytest.mark.parametrize("device, backend", [("cpu", "gloo"), ("cuda", "nccl")])
+def test_the_process_group_backend_follows_the_device(monkeypatch, device, backend):
+    """The choice alone, with torch.distributed stubbed (NCCL itself needs two GPUs)."""
+    from diffusionblocks import parallel
+
+    started = []
+    monkeypatch.setattr(parallel.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(parallel.dist, "init_process_group", started.append)
+    monkeypatch.setattr(parallel.dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(parallel.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(parallel.dist, "new_group", lambda ranks: tuple(ranks))
+    config = C.override(C.preset("vit-digits-tiny"), ["parallel=blocks", "shared=per-block", f"device={device}"])
+    blocks = BlockParallel(2, config)
+    assert started == [backend] and blocks.groups == [(0,), (1,)]
