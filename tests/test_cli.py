@@ -100,6 +100,18 @@ def test_set_parses_types_and_model_fields():
     assert config.preset == "vit-digits"
 
 
+def test_flags_set_the_config_fields_of_the_same_name(tmp_path, capsys):
+    args = cli.parser().parse_args(["train", "--offload", "disk", "--block-schedule", "round-robin",
+                                    "--steps-per-swap", "5", "--device", "cpu"])
+    config = cli.config_from_args(args)
+    assert (config.offload, config.block_schedule, config.steps_per_swap, config.device) == \
+        ("disk", "round-robin", 5, "cpu")
+    assert cli.main(["train", "vit-digits-tiny", "--offload", "cpu", "--out", str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err.startswith("diffusionblocks: error: offload: cpu moves inactive blocks from the GPU")
+    assert cli.main(["train", "--resume", str(tmp_path), "--steps-per-swap", "2"]) == 2
+    assert "drop --steps-per-swap" in capsys.readouterr().err
+
+
 def test_sample_refuses_a_task_that_generates_nothing(tmp_path, capsys):
     out = tmp_path / "run"
     assert cli.main(["train", "vit-digits-tiny", "--out", str(out), "--set", "e2e_steps=2", "progress=false"]) == 0

@@ -11,6 +11,9 @@ from . import checkpoint
 from .config import PRESETS, ConfigError, TrainConfig, from_dict, override, preset, validate
 
 DEFAULT_PRESET = "vit-digits"
+# `train` flags that set the config field of the same name (any field: --set key=value)
+FLAGS = ("mode", "blocks", "gamma", "partition", "seed", "parallel", "device", "offload", "block_schedule",
+         "steps_per_swap")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -25,6 +28,13 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--partition", choices=["equi", "uniform"], help="how the σ axis is cut")
     train.add_argument("--seed", type=int)
     train.add_argument("--device", help="cpu (default), cuda or cuda:N")
+    train.add_argument("--offload", choices=["none", "cpu", "disk"],
+                       help="inactive blocks' weights and optimizer state: to host memory from a GPU (cpu) "
+                            "or to memory-mapped files on the CPU (disk)")
+    train.add_argument("--block-schedule", dest="block_schedule", choices=["random", "round-robin", "sequential"],
+                       help="which block each step trains (default: random, as in the paper)")
+    train.add_argument("--steps-per-swap", dest="steps_per_swap", type=int, metavar="K",
+                       help="keep a block for K steps (amortises offload)")
     train.add_argument("--parallel", choices=["none", "blocks"],
                        help="blocks: one process per block group, launched with torchrun")
     train.add_argument("--out", help="run directory (default: runs/<preset>-<mode>-B<B>-seed<seed>)")
@@ -54,7 +64,7 @@ def parser() -> argparse.ArgumentParser:
 
 def config_from_args(args) -> TrainConfig:
     config = preset(args.preset or DEFAULT_PRESET)
-    for name in ("mode", "blocks", "gamma", "partition", "seed", "parallel", "device"):
+    for name in FLAGS:
         if getattr(args, name) is not None:
             setattr(config, name, getattr(args, name))
     return validate(override(config, [item for group in args.set for item in group]))
@@ -82,12 +92,10 @@ def train(args) -> int:
     from .train import Interrupted, Trainer, TrainingError
 
     if args.resume:
-        given = [name for name in ("preset", "mode", "blocks", "gamma", "partition", "seed", "out", "parallel",
-                                   "device")
-                 if getattr(args, name) is not None]
+        given = [name for name in ("preset", "out") + FLAGS if getattr(args, name) is not None]
         if given:
             raise ConfigError(f"resume: the run's config comes from its config.json (change fields with "
-                              f"--set); drop --{given[0]}")
+                              f"--set); drop --{given[0].replace('_', '-')}")
         out = Path(args.resume)
         config = validate(override(load_run_config(out), [item for group in args.set for item in group]))
         if not checkpoint.exists(out):
