@@ -286,8 +286,10 @@ class Trainer:
         saved = SavedActivations(self.model.parameters()) if measure else contextlib.nullcontext()
         with saved:
             loss, levels = self.forward_loss(block, batch, generator)
-        if torch.isfinite(loss):
-            loss.backward()
+        # Backward even through a non-finite loss: its gradient is non-finite too (or the
+        # loss is checked below), the step is skipped either way, and data-parallel replicas
+        # all reach the gradient all-reduce.
+        loss.backward()
         with_grad = [p for p in self.model.parameters() if p.grad is not None]
         if self.parallel is not None:
             self.parallel.average_gradients(block, with_grad)
@@ -296,9 +298,13 @@ class Trainer:
             self.counters["grad_bytes"] = max(self.counters["grad_bytes"], tensor_bytes(p.grad for p in with_grad))
         grad_norm = torch.nn.utils.clip_grad_norm_(with_grad, config.grad_clip) if with_grad else \
             torch.tensor(float("nan"))
+        # Everything the host needs from this step in one transfer: each .item() would wait
+        # for the GPU on its own. float64 holds the float32 values exactly.
+        figures = [loss.detach(), grad_norm] + ([] if levels is None else [levels.min(), levels.median(), levels.max()])
+        values = torch.stack([f.to(loss.device, torch.float64) for f in figures]).tolist()
         lr = self.lr_at(step)
-        record = {"step": step + 1, "block": block, "lr": lr, "loss": loss.item(), "grad_norm": grad_norm.item()}
-        if torch.isfinite(grad_norm):  # a finite loss can still give an overflowing gradient
+        record = {"step": step + 1, "block": block, "lr": lr, "loss": values[0], "grad_norm": values[1]}
+        if math.isfinite(values[0]) and math.isfinite(values[1]):  # a finite loss can still overflow the gradient
             self.counters["consecutive_nonfinite"] = 0
             for key in (self.shared_optimizer(block), f"block{block}"):
                 for group in self.optimizers[key].param_groups:
@@ -313,8 +319,7 @@ class Trainer:
             p.grad = None  # None, not 0: AdamW then skips parameters this step did not use
         if levels is not None:
             name = self.task.level_name
-            record.update({f"{name}_min": levels.min().item(), f"{name}_median": levels.median().item(),
-                           f"{name}_max": levels.max().item()})
+            record.update({f"{name}_min": values[2], f"{name}_median": values[3], f"{name}_max": values[4]})
         return record
 
     def shared_optimizer(self, block: int) -> str:
