@@ -131,10 +131,8 @@ def place_model(model: torch.nn.Module, device: torch.device, layers_too: bool =
     if layers_too:
         model.to(device)
         return
-    in_layers = {id(p) for p in model.layers.parameters()}
-    for p in model.parameters():
-        if id(p) not in in_layers:
-            p.data = p.data.to(device)
+    for _, p in shared_parameters(model):
+        p.data = p.data.to(device)
     for module in model.modules():
         for name, buffer in module._buffers.items():
             if buffer is not None:
