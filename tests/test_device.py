@@ -88,14 +88,20 @@ def test_a_gpu_run_trains_evaluates_samples_and_evaluates_again_on_the_cpu(prese
 def test_gpu_host_offload_keeps_one_block_on_the_gpu_and_trains_like_no_offload(tmp_path, shared):
     from diffusionblocks.train import Trainer
 
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     trainers = {}
     for offload in ("none", "cpu"):
         config = gpu_config("vit-digits-tiny", layers=4, offload=offload, steps=8, shared=shared)
         trainers[offload] = Trainer(config, tmp_path / offload)
-        trainers[offload].run()
+        # the math attention: the fused kernels' backward may sum in a different order per run
+        with sdpa_kernel(SDPBackend.MATH):
+            trainers[offload].run()
     plain, offloaded = trainers["none"], trainers["cpu"]
-    for p, q in zip(plain.model.parameters(), offloaded.model.parameters()):
-        torch.testing.assert_close(q.detach().cpu(), p.detach().cpu(), rtol=1e-5, atol=1e-6)
+    # Offload only copies, so this is equality up to any GPU nondeterminism left; a block
+    # that lost its updates or trained on stale weights would differ by the updates themselves.
+    flat = lambda trainer: torch.cat([p.detach().cpu().flatten() for p in trainer.model.parameters()])
+    assert (flat(offloaded) - flat(plain)).norm() <= 1e-5 * flat(plain).norm()
     host = offloaded.offload
     for block, slots in enumerate(host.slots):
         want = "cuda" if block == host.active else "cpu"
