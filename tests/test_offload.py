@@ -187,3 +187,12 @@ def test_offload_to_an_unwritable_run_directory_is_a_clear_error(capsys):
     assert cli.main(["train", "vit-digits-tiny", "--out", "/proc/no-such-run", "--set", "offload=disk"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("diffusionblocks: error: out: cannot write to /proc/no-such-run") and err.count("\n") == 1
+
+
+def test_memory_bench_checks_every_configuration_before_running_any(tmp_path, capsys):
+    from diffusionblocks import bench_memory
+
+    assert bench_memory.main(["--preset", "vit-digits-tiny", "--layers", "3", "--blocks", "2", "--out",
+                              str(tmp_path)]) == 2  # 3 layers cannot split evenly into B = 2 without a split
+    assert capsys.readouterr().err.startswith("bench memory: blocks B=2: split: ")
+    assert not (tmp_path / "memory.json").exists()

@@ -195,10 +195,18 @@ def main(argv=None) -> int:
     if on_gpu and not torch.cuda.is_available():
         print(f"bench memory: --device {args.device}, but torch sees no GPU", file=sys.stderr)
         return 2
+    from . import config as C
+
+    runs = configurations(args.layers, args.width, args.heads, args.batch, [int(b) for b in args.blocks.split(",")],
+                          args.combine, "cpu" if on_gpu else "disk")
+    for name, overrides in runs:  # every configuration checked before the first one runs
+        try:
+            C.validate(C.override(C.preset(args.preset), overrides + [f"device={args.device}"]))
+        except C.ConfigError as error:
+            print(f"bench memory: {name}: {error}", file=sys.stderr)
+            return 2
     results = []
-    for name, overrides in configurations(args.layers, args.width, args.heads, args.batch,
-                                          [int(b) for b in args.blocks.split(",")], args.combine,
-                                          "cpu" if on_gpu else "disk"):
+    for name, overrides in runs:
         spec = {"name": name, "preset": args.preset, "overrides": overrides,
                 "steps_per_block": args.steps_per_block, "threads": args.threads, "device": args.device}
         results.append(run_subprocess(spec))
