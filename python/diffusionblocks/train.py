@@ -113,7 +113,8 @@ def training_device(config: TrainConfig, parallel: BlockParallel | None) -> torc
         return device
     if not torch.cuda.is_available():
         raise ConfigError(f"device: {config.device} requested, but torch sees no GPU (torch "
-                          f"{torch.__version__}, cuda {torch.version.cuda}); use device=cpu")
+                          f"{torch.__version__}, cuda {torch.version.cuda}); use device=cpu "
+                          "(eval and sample of a GPU run: --device cpu)")
     count = torch.cuda.device_count()
     if device.index is None:
         local = int(os.environ.get("LOCAL_RANK", parallel.rank)) if parallel is not None else None
