@@ -196,3 +196,12 @@ def test_memory_bench_checks_every_configuration_before_running_any(tmp_path, ca
                               str(tmp_path)]) == 2  # 3 layers cannot split evenly into B = 2 without a split
     assert capsys.readouterr().err.startswith("bench memory: blocks B=2: split: ")
     assert not (tmp_path / "memory.json").exists()
+
+
+def test_eval_on_a_named_device_keeps_the_run_offloaded(tmp_path):
+    from diffusionblocks import cli
+    from diffusionblocks.offload import DiskOffload
+
+    Trainer(tiny(offload="disk", e2e_steps=2), tmp_path).run()
+    trainer = cli.trained(tmp_path, "cpu")
+    assert trainer.config.offload == "disk" and isinstance(trainer.offload, DiskOffload)

@@ -137,8 +137,8 @@ def trained(run_dir: Path, device: str | None = None):
     config.parallel = "none"  # a block-parallel run's checkpoint holds every block: one process serves it
     if device is not None:
         config.device = device
-        if config.offload != "none":  # offload is about training memory; inference keeps the model as it is
-            config.offload = "none"
+        if config.offload != "none":  # a model that needed offload to train needs it to run too
+            config.offload = "cpu" if config.on_gpu else "disk"
         validate(config)
     trainer = Trainer(config, run_dir)
     trainer.resume()

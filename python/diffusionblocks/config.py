@@ -55,6 +55,10 @@ class TrainConfig:
     progress: bool = True                # tqdm progress bar
 
     @property
+    def on_gpu(self) -> bool:
+        return _device_type(self.device) == "cuda"
+
+    @property
     def num_blocks(self) -> int:
         """Blocks actually trained: B block-wise, 1 (the whole stack) end to end."""
         return self.blocks if self.mode == "blocks" else 1
@@ -141,10 +145,9 @@ def validate(config: TrainConfig) -> TrainConfig:
     need(_device_type(config.device) in ("cpu", "cuda"),
          f"device: expected cpu, cuda or cuda:N, got {config.device!r}")
     need(config.offload in OFFLOADS, f"offload: expected one of {', '.join(OFFLOADS)}, got {config.offload!r}")
-    on_gpu = _device_type(config.device) == "cuda"
-    need(config.offload != "cpu" or on_gpu, "offload: cpu moves inactive blocks from the GPU to host memory; "
+    need(config.offload != "cpu" or config.on_gpu, "offload: cpu moves inactive blocks from the GPU to host memory; "
          "with device=cpu use offload=disk (memory-mapped files)")
-    need(config.offload != "disk" or not on_gpu, "offload: disk keeps inactive blocks in memory-mapped files "
+    need(config.offload != "disk" or not config.on_gpu, "offload: disk keeps inactive blocks in memory-mapped files "
          "for CPU training; with device=cuda use offload=cpu (host memory)")
     need(config.blocks >= 1, f"blocks: expected at least 1, got {config.blocks}")
     need(config.gamma >= 0, f"gamma: expected an overlap >= 0, got {config.gamma:g}")

@@ -57,7 +57,7 @@ class BlockParallel:
         if config.shared == "global" and config.shared_sync_every < 1:
             raise ConfigError("shared_sync_every: block-parallel training with shared=global needs the "
                               "shared modules averaged every K >= 1 steps (or use shared=per-block)")
-        self.on_gpu = torch.device(config.device).type == "cuda"
+        self.on_gpu = config.on_gpu
         if not dist.is_initialized():
             dist.init_process_group("nccl" if self.on_gpu else "gloo")
         self.rank, self.world = dist.get_rank(), dist.get_world_size()

@@ -18,14 +18,20 @@ from torch import nn
 from .partition import BlockPartition
 
 
+def shared_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """Everything outside the residual layers (`model.layers`, if any): embeddings,
+    σ-embedder, head."""
+    layers = getattr(model, "layers", None)
+    in_layers = {id(p) for p in layers.parameters()} if isinstance(layers, nn.Module) else set()
+    return [(name, p) for name, p in model.named_parameters() if id(p) not in in_layers]
+
+
 def device_of(model: nn.Module) -> torch.device:
     """Where the model computes (the trainer's `device`): every tensor a task makes for the
     model goes there. Read off the shared modules, which never leave it (offload=cpu keeps
     inactive layers on the host). Random draws stay on CPU generators and move after, so a
     run draws the same batches, σ's and masks on any device."""
-    layers = getattr(model, "layers", None)
-    in_layers = {id(p) for p in layers.parameters()} if isinstance(layers, nn.Module) else set()
-    return next((p.device for p in model.parameters() if id(p) not in in_layers), torch.device("cpu"))
+    return next((p.device for _, p in shared_parameters(model)), torch.device("cpu"))
 
 
 def to_device(batch, device: torch.device):

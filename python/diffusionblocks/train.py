@@ -34,7 +34,7 @@ from .memory import SavedActivations, optimizer_state_bytes, tensor_bytes
 from .offload import DiskOffload, HostOffload
 from .parallel import BlockParallel
 from .shared import SharedCopies
-from .task import to_device
+from .task import shared_parameters, to_device
 from .tasks import TASKS
 
 OFFLOAD_DIR = "offload"  # in the run directory: the blocks' memory-mapped files
@@ -50,12 +50,6 @@ def build_optimizer(named_params: list[tuple[str, torch.nn.Parameter]], config: 
     groups = [{"params": [p for n, p in named_params if decays[n]], "weight_decay": config.weight_decay},
               {"params": [p for n, p in named_params if not decays[n]], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.999))
-
-
-def shared_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
-    """Everything outside the residual layers: embeddings, σ-embedder, head."""
-    in_layers = {id(p) for p in model.layers.parameters()}
-    return [(name, p) for name, p in model.named_parameters() if id(p) not in in_layers]
 
 
 def block_optimizers(model: torch.nn.Module, plan, config: TrainConfig,
@@ -184,7 +178,6 @@ class Trainer:
         host_offload = config.offload == "cpu" and config.mode == "blocks"
         place_model(self.model, self.device, layers_too=not host_offload)
         self.optimizers = block_optimizers(self.model, self.plan, config, self.task.no_weight_decay())
-        self.shared_key = "shared"
         self.shared_copies = None
         if config.shared == "per-block":
             self.shared_copies = SharedCopies(shared_parameters(self.model), self.plan.num_blocks)
