@@ -387,6 +387,11 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Rows of kCeWarpMin < C <= kCeWarpMax columns take a warp each, in registers (forward and
+// backward); shorter rows share a warp, longer ones take a block (forward) or the row-wise
+// elementwise kernel (backward).
+constexpr int64_t kCeWarpMin = 64, kCeWarpMax = 1024;
+
 struct CeShape {
   int64_t N, T, C;
 };
@@ -423,7 +428,7 @@ std::tuple<Tensor, Tensor> weighted_cross_entropy(const Tensor& logits, const Te
     acc_t* cp = ce.mutable_data_ptr<acc_t>();
     const acc_t* first_weight = T == 1 ? wp : nullptr;
     // The warp kernel loads whole packs per row; the others handle each row's ends.
-    const bool aligned = is_aligned(xp, 16) && (C > 1024 || C <= 64 || C % kVec == 0);
+    const bool aligned = is_aligned(xp, 16) && (C > kCeWarpMax || C <= kCeWarpMin || C % kVec == 0);
     auto go = [&](auto aligned_tag, auto index_tag) {
       constexpr int V = decltype(aligned_tag)::value ? kVec : 1;
       using index_t = typename decltype(index_tag)::type;
@@ -434,13 +439,13 @@ std::tuple<Tensor, Tensor> weighted_cross_entropy(const Tensor& logits, const Te
         kernel<<<grid_blocks(kernel, P, 32), kThreads, 0, stream>>>(xp, tp, P_, C_, ignore_index, first_weight, lp,
                                                                     cp);
       };
-      if (C <= 64) {
+      if (C <= kCeWarpMin) {
         const auto kernel = ce_group_kernel<4, V, index_t, scalar_t>;
         kernel<<<grid_blocks(kernel, P, 4), kThreads, 0, stream>>>(xp, tp, P_, C_, ignore_index, first_weight, lp,
                                                                    cp);
       } else if (C <= 256) {
         warp_per_row(ce_warp_kernel<8, V, index_t, scalar_t>);
-      } else if (C <= 1024) {
+      } else if (C <= kCeWarpMax) {
         warp_per_row(ce_warp_kernel<32, V, index_t, scalar_t>);
       } else {
         const auto kernel = ce_block_kernel<V, index_t, scalar_t>;
@@ -487,6 +492,43 @@ template <typename acc_t> struct CeGradOp {
   }
 };
 
+// Mid-size rows (64 < C <= 32·E), the backward of ce_warp_kernel: one warp per position,
+// its coefficients read once (not once per chunk of VEC as in rowwise_kernel) and each
+// lane's E values loaded before any arithmetic, so E/VEC loads are in flight at once.
+template <int E, int VEC, typename index_t, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+__global__ void __launch_bounds__(kThreads)
+    ce_grad_warp_kernel(const scalar_t* x, CeGradOp<acc_t> op, index_t positions, index_t C, scalar_t* out) {
+  static_assert(E % VEC == 0, "a lane holds whole packs");
+  constexpr int N = E / VEC;
+  using P = Pack<scalar_t, VEC>;
+  const index_t lane = threadIdx.x % 32;
+  const index_t warps = static_cast<index_t>(gridDim.x) * (kThreads / 32);
+  for (index_t p = (static_cast<index_t>(blockIdx.x) * kThreads + threadIdx.x) / 32; p < positions; p += warps) {
+    const index_t row = p * C;
+    P v[N];
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      const index_t c = (static_cast<index_t>(k) * 32 + lane) * VEC;
+      if (c < C) v[k] = *reinterpret_cast<const P*>(x + row + c);  // C % VEC == 0: whole packs
+    }
+    const auto coef = op.coef(p);
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      const index_t c = (static_cast<index_t>(k) * 32 + lane) * VEC;
+      if (c >= C) continue;
+      P g;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const acc_t in[1] = {static_cast<acc_t>(v[k].v[j])};
+        acc_t res[1];
+        op(coef, c + j, 0.f, in, res);
+        g.v[j] = static_cast<scalar_t>(res[0]);
+      }
+      *reinterpret_cast<P*>(out + row + c) = g;
+    }
+  }
+}
+
 Tensor weighted_cross_entropy_backward(const Tensor& grad, const Tensor& logits, const Tensor& target,
                                        const Tensor& weight, const Tensor& lse, int64_t ignore_index) {
   check::cross_entropy_backward_args(grad, logits, target, weight, lse);
@@ -503,7 +545,29 @@ Tensor weighted_cross_entropy_backward(const Tensor& grad, const Tensor& logits,
     const Streams<scalar_t, 1, 1> io{{xc.const_data_ptr<scalar_t>()}, {out.mutable_data_ptr<scalar_t>()}};
     const CeGradOp<acc_t> op{l.const_data_ptr<acc_t>(), g.const_data_ptr<acc_t>(), w.const_data_ptr<acc_t>(),
                              tc.const_data_ptr<int64_t>(), static_cast<uint64_t>(T), C, ignore_index};
-    launch_rowwise(io, op, out.numel(), C);
+    if (C <= kCeWarpMin || C > kCeWarpMax) {
+      launch_rowwise(io, op, out.numel(), C);
+      return;
+    }
+    constexpr int kVec = vec_width<scalar_t>();
+    const scalar_t* xp = io.in[0];
+    scalar_t* gp = io.out[0];
+    const bool aligned = is_aligned(xp, 16) && is_aligned(gp, 16) && C % kVec == 0;
+    const auto stream = c10::cuda::getCurrentCUDAStream();
+    dispatch_access(aligned, out.numel(), [&](auto aligned_tag, auto index_tag) {
+      constexpr int V = decltype(aligned_tag)::value ? kVec : 1;
+      using index_t = typename decltype(index_tag)::type;
+      auto launch = [&](auto kernel) {
+        kernel<<<grid_blocks(kernel, shape.N * T, 32), kThreads, 0, stream>>>(
+            xp, op, static_cast<index_t>(shape.N * T), static_cast<index_t>(C), gp);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      if (C <= 256) {
+        launch(ce_grad_warp_kernel<8, V, index_t, scalar_t>);
+      } else {
+        launch(ce_grad_warp_kernel<32, V, index_t, scalar_t>);
+      }
+    });
   });
   return out;
 }
