@@ -123,6 +123,31 @@ def test_memory_bench_measures_the_gpu_peak_with_host_offload():
     assert result["param_bytes"] < result["param_bytes_total"]
 
 
+@requires_cuda
+def test_block_parallel_runs_every_collective_through_nccl_on_one_gpu(tmp_path):
+    """NCCL refuses two ranks on one GPU, so with one GPU this is the closest check: one rank
+    takes every block and runs each collective of the loop through NCCL (the shared-module
+    all-reduce, the stop flag, the gather, the barrier), and ends where the serial GPU run
+    ends (up to GPU nondeterminism; a skipped or doubled average would move it by far more)."""
+    from diffusionblocks import checkpoint
+    from diffusionblocks import config as C
+    from diffusionblocks.train import Trainer
+    from test_parallel import FIELDS, torchrun
+
+    fields = FIELDS + ["shared=global", "shared_sync_every=2", "device=cuda"]
+    out = tmp_path / "parallel"
+    done = torchrun(1, "vit-digits-tiny", "--parallel", "blocks", "--out", str(out), "--set", *fields)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["steps"] == 18 and report["device"] == "cuda:0"
+    serial = Trainer(C.override(C.preset("vit-digits-tiny"), fields), tmp_path / "serial")
+    serial.run()
+    saved = checkpoint.load(out).weights
+    for name, want in serial.model.state_dict().items():
+        got, want = saved[name].float(), want.detach().cpu().float()
+        assert (got - want).norm() <= 1e-4 * want.norm() + 1e-6, name
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs a GPU per process")
 def test_block_parallel_on_two_gpus_with_nccl(tmp_path):
     from test_parallel import FIELDS, torchrun
