@@ -10,6 +10,8 @@
 #                                                      plain python, runs with or without pytest)
 #   3. op tests      -> RESULTS_DIR/tests.log        (the op tests, DBX_REQUIRE_EXT=1, xdist if present)
 #   4. op benchmark  -> RESULTS_DIR/bench_cuda.{json,md,log}  (2^22 and 2^24 elements)
+#  4b. kernel counters -> RESULTS_DIR/ncu.log         (Nsight Compute on the cross-entropy and
+#                                                      add_noise kernels; informs, never fails)
 #   5. trainer tests -> RESULTS_DIR/trainer_tests.log (every task trains, evaluates, samples on the GPU;
 #                                                      offload=cpu; the memory bench worker)
 #   6. memory bench  -> RESULTS_DIR/memory_gpu/{memory.json,memory.png}, memory_gpu.log
@@ -328,6 +330,49 @@ if [ "$BENCH_LIMIT" -lt 100 ]; then
 fi
 run_step "benchmark (cuda)" "$BENCH_LIMIT" "$RESULTS/bench_cuda.log" \
     env DBX_REQUIRE_EXT=1 "$PY" -m diffusionblocks_ext.bench "${BENCH_ARGS[@]}"
+
+# ------------------------------------------------------------------------------ 4b. kernel counters
+section "4b. kernel counters of the ops furthest from copy bandwidth (ncu, where it reads them)"
+# Nsight Compute reads the hardware counters on some machines only (not under gVisor).
+# Where it cannot, the step says so and the check goes on: it informs, it does not gate.
+PROFILE=$(cat <<'EOF'
+import torch
+import diffusionblocks_ext as dbx
+g = torch.Generator(device="cuda").manual_seed(0)
+x = torch.randn(16384, 1024, device="cuda", generator=g, requires_grad=True)
+t = torch.randint(0, 1024, (16384,), device="cuda", generator=g)
+w = torch.rand(16384, device="cuda", generator=g)
+loss = dbx.weighted_cross_entropy(x, t, w)          # ce_warp_kernel
+loss.backward(torch.ones_like(loss))                  # ce_grad_warp_kernel
+y = torch.randn(256, 65536, device="cuda", generator=g)
+dbx.add_noise(y, torch.rand(256, device="cuda", generator=g) + 0.5, seed=1)  # rowwise_kernel
+torch.cuda.synchronize()
+EOF
+)
+NCU_LIMIT=$(cap 60 110)
+if ! command -v ncu >/dev/null; then
+    echo "ncu not on PATH" | tee "$RESULTS/ncu.log"
+    STATUS_LINES+=("| ncu kernel counters | not available (no ncu) | - | ncu.log |")
+elif [ "$NCU_LIMIT" -lt 10 ]; then
+    echo "SKIPPED: no time left" | tee "$RESULTS/ncu.log"
+    STATUS_LINES+=("| ncu kernel counters | skipped (no time left) | - | ncu.log |")
+else
+    echo "\$ ncu --clock-control none ... (timeout ${NCU_LIMIT}s, log $RESULTS/ncu.log)"
+    t0=$(date +%s)
+    DBX_REQUIRE_EXT=1 timeout -k 5 "$NCU_LIMIT" ncu --clock-control none \
+        --kernel-name regex:'ce_grad_warp_kernel|ce_warp_kernel|rowwise_kernel' \
+        --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+        "$PY" -c "$PROFILE" > "$RESULTS/ncu.log" 2>&1
+    rc=$?
+    if [ "$rc" -eq 0 ] && grep -q "Memory Throughput" "$RESULTS/ncu.log"; then
+        verdict="recorded"
+    else
+        verdict="not available (exit $rc; see log)"
+    fi
+    grep -E "ce_grad_warp_kernel|ce_warp_kernel|rowwise_kernel|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per" \
+        "$RESULTS/ncu.log" | cut -c1-160 | head -40
+    STATUS_LINES+=("| ncu kernel counters | $verdict | $(( $(date +%s) - t0 )) | ncu.log |")
+fi
 
 # ------------------------------------------------------------------------------ 5. trainer tests
 section "5. trainer on the GPU (device=cuda, offload=cpu)"
