@@ -16,13 +16,14 @@
 #                                                      offload=cpu; the memory bench worker)
 #   6. memory bench  -> RESULTS_DIR/memory_gpu/{memory.json,memory.png}, memory_gpu.log
 #                       (`bench memory --device cuda`, L=12 width 256, B=4)
+#  6b. main command  -> RESULTS_DIR/main_gpu.log, main_gpu_report.json (`train --device cuda`)
 #   7. summary       -> RESULTS_DIR/summary.md
 #
 # Every step runs under `timeout` against one overall deadline (GPU_CHECK_BUDGET seconds,
 # default 330, so the whole script ends inside 6 minutes); a failed or timed-out step is
 # recorded and the script goes on. Exit status: 0 when every step passed, else 1. With the
-# default the last steps get what is left (the benchmark may drop torch.compile, the
-# memory bench may time out); GPU_CHECK_BUDGET=500 gives every step its full time.
+# default the last steps get what is left (the benchmark may drop torch.compile, the last
+# steps may be skipped); GPU_CHECK_BUDGET=560 gives every step its full time on an H200.
 # Environment: PYTHON (default python3), GPU_CHECK_BUDGET, MAX_JOBS, TORCH_CUDA_ARCH_LIST,
 # CUDA_HOME (default: from `command -v nvcc`, else /usr/local/cuda).
 
@@ -384,11 +385,22 @@ fi
 
 # ------------------------------------------------------------------------------ 6. memory bench
 section "6. memory benchmark on the GPU"
-run_step "bench memory (cuda)" "$(left 8)" "$RESULTS/memory_gpu.log" \
+run_step "bench memory (cuda)" "$(cap 120 80)" "$RESULTS/memory_gpu.log" \
     env DBX_REQUIRE_EXT=1 PYTHONPATH="$ROOT/python:$ROOT" "$PY" -m diffusionblocks bench memory \
     --device cuda --blocks 4 --out "$RESULTS/memory_gpu"
 
-# ------------------------------------------------------------------------------ 5. summary
+# ------------------------------------------------------------------------------ 6b. main command
+section "6b. the README's main command on the GPU"
+# `diffusionblocks train --device cuda`: the default preset end to end (about 65 s on an
+# H200), for the README's GPU line; the run directory stays out of RESULTS (checkpoints).
+MAIN_RUN=$(mktemp -d)
+run_step "main command on the GPU" "$(left 8)" "$RESULTS/main_gpu.log" \
+    env DBX_REQUIRE_EXT=1 PYTHONPATH="$ROOT/python:$ROOT" "$PY" -m diffusionblocks train --device cuda \
+    --out "$MAIN_RUN/run" --set progress=false
+cp "$MAIN_RUN/run/report.json" "$RESULTS/main_gpu_report.json" 2>/dev/null
+rm -rf "$MAIN_RUN"
+
+# ------------------------------------------------------------------------------ 7. summary
 section "7. summary"
 {
     echo "# GPU check $(date -Is)"
@@ -415,6 +427,10 @@ section "7. summary"
     echo "## trainer tests"
     { grep -E '^(FAILED|ERROR)' "$RESULTS/trainer_tests.log"; tail -n 1 "$RESULTS/trainer_tests.log"; } \
         2>/dev/null | head -20 | sed 's/^/    /'
+    echo
+    echo "## main command on the GPU"
+    grep -E 'test_accuracy|error' "$RESULTS/main_gpu.log" 2>/dev/null | tail -n 2 | sed 's/^/    /' \
+        || echo "    not run (see main_gpu.log)"
     echo
     echo "## memory (bench memory --device cuda)"
     grep -E '^\|' "$RESULTS/memory_gpu.log" 2>/dev/null || echo "no table (see memory_gpu.log)"

@@ -1,7 +1,8 @@
 // Shared machinery of the CUDA kernels: launch geometry, aligned vector packs, and the
 // row-wise elementwise kernel that serves every op whose per-element formula depends only
 // on the element, its row's σ (and its column): add_noise, denoise, euler_step, heun_step,
-// edm_loss_backward, weighted_cross_entropy_backward. The formulas live in edm.h/philox.h;
+// edm_loss_backward, weighted_cross_entropy_backward (rows of C <= 64 or > 1024; between,
+// a warp per row, in losses.cu). The formulas live in edm.h/philox.h;
 // each op is a small functor that computes its row coefficients and applies them.
 #pragma once
 #include <ATen/OpMathType.h>
