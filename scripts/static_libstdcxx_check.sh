@@ -5,7 +5,7 @@
 # initialised: `stream << 3.0` wrote nothing here and crashed the process there, so every
 # number in a message must be formatted without iostreams (csrc/checks.h). Usage:
 # scripts/static_libstdcxx_check.sh [PYTHON] (default python3; its pytest is used). About
-# a minute on 2 cores.
+# a minute and a half on 2 cores from scratch, 30 s after a plain build (CI: 92 -> 26 s).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -14,8 +14,13 @@ PYTEST=$(dirname "$(command -v "$PY")")/pytest
 OUT=$ROOT/build/static-libstdcxx
 mkdir -p "$OUT"
 
-echo "building the CPU kernels with -static-libstdc++ into $OUT"
-LDFLAGS=-static-libstdc++ DBX_FORCE_CPU=1 "$PY" setup.py -q build_ext --build-temp "$OUT/temp" \
+# Only the link differs from a plain CPU build, so the objects of an earlier one (pip's
+# build/temp.*, as in CI) are reused when the compile flags match: ninja compiles nothing
+# again and this takes seconds, not a minute. Otherwise ninja rebuilds what differs.
+TEMP=$(ls -d "$ROOT"/build/temp.*/ 2>/dev/null | head -n 1)
+TEMP=${TEMP:-$OUT/temp}
+echo "building the CPU kernels with -static-libstdc++ into $OUT (objects in $TEMP)"
+LDFLAGS=-static-libstdc++ DBX_FORCE_CPU=1 "$PY" setup.py -q build_ext --build-temp "$TEMP" \
   --build-lib "$OUT/lib" > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 cp diffusionblocks_ext/*.py "$OUT/lib/diffusionblocks_ext/"
 # The check means something only if the module really carries its own ostream code.
