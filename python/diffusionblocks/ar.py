@@ -358,8 +358,7 @@ class AutoregressiveLM(CharacterLM):
 
     def end_to_end_loss(self, batch, generator):
         logits = self.end_to_end(batch)[:, :-1]
-        return dx.weighted_cross_entropy(logits, batch[:, 1:],
-                                         torch.ones(len(batch), dtype=logits.dtype, device=logits.device))
+        return dx.weighted_cross_entropy(logits, batch[:, 1:], logits.new_ones(len(batch)))
 
     # --- the pieces the sampler chains (sampler.py) ---------------------------------------
     def two_stream(self, clean: torch.Tensor, z_in: torch.Tensor, cond: torch.Tensor,

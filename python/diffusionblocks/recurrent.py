@@ -211,8 +211,7 @@ class RecurrentDepthLM(CharacterLM):
         inputs, targets = batch[:, :-1], batch[:, 1:]
         passes = self.training_recurrence(generator)
         logits = self.recur(self.prelude(inputs), passes, generator, self.options.backprop_depth)
-        return dx.weighted_cross_entropy(logits, targets,
-                                         torch.ones(len(batch), dtype=logits.dtype, device=logits.device))
+        return dx.weighted_cross_entropy(logits, targets, logits.new_ones(len(batch)))
 
     # --- DiffusionBlocks: the core as one denoiser --------------------------------------------------
     def denoise(self, e: torch.Tensor, z: torch.Tensor, z_in: torch.Tensor, sigma: torch.Tensor,

@@ -152,8 +152,7 @@ class ViTClassification:
     def end_to_end_loss(self, batch, generator):
         images, labels = batch
         logits = self.end_to_end(images)
-        weight = torch.ones(len(labels), dtype=logits.dtype, device=logits.device)
-        return dx.weighted_cross_entropy(logits, labels, weight)
+        return dx.weighted_cross_entropy(logits, labels, logits.new_ones(len(labels)))
 
     def no_weight_decay(self):
         return {"pos_embed"}
