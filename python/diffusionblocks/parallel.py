@@ -111,13 +111,14 @@ class BlockParallel:
         for block in range(self.num_blocks):
             if not self.leads(block):
                 continue
-            mine["blocks"][block] = {name: p.detach().clone() for i in trainer.plan.layer_range(block)
+            mine["blocks"][block] = {name: p.detach() for i in trainer.plan.layer_range(block)
                                      for name, p in trainer.model.layers[i].named_parameters(prefix=f"{i}")}
             keys = [f"block{block}"] + ([] if trainer.shared_copies is None else [f"shared{block}"])
             mine["optimizers"].update({key: trainer.optimizers[key].state_dict() for key in keys})
             if trainer.shared_copies is not None:
-                mine["shared_copies"][block] = {n: t.clone() for n, t in trainer.shared_copies.copies[block].items()}
+                mine["shared_copies"][block] = dict(trainer.shared_copies.copies[block])
         received = [None] * self.world if self.rank == 0 else None
+        # No copies above: gather_object pickles every rank's object, rank 0's own included.
         dist.gather_object(_on_cpu(mine), received, dst=0)
         if self.rank != 0:
             return None
