@@ -98,9 +98,9 @@ class HostOffload:
                 # non_blocking from pinned memory: the copies queue on the stream the block's
                 # kernels then run on, so they are ordered without waiting here
                 slot.put(value.to(self.device, non_blocking=True, copy=True))
-        if self.shared_copies is not None:  # point the shared modules at the copy now on the device
-            self.shared_copies.active = None
+        if self.shared_copies is not None:  # the shared modules on the copy now on the device
             self.shared_copies.activate(block)
+            self.shared_copies.repoint()
 
     def activate(self, block: int) -> None:
         if block != self.active:
@@ -120,7 +120,7 @@ class HostOffload:
             self._to_host(block)
         self.active = None
         if self.shared_copies is not None:
-            self.shared_copies.active = None  # the shared modules must be pointed at a copy again
+            self.shared_copies.repoint()  # at the active copy's host buffers
 
     def release(self) -> None:
         """Saving reads the tensors where they are; nothing is brought in."""

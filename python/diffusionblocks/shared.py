@@ -19,9 +19,14 @@ class SharedCopies:
 
     def activate(self, block: int) -> None:
         if block != self.active:
-            for name, p in self.params.items():
-                p.data = self.copies[block][name]
             self.active = block
+            self.repoint()
+
+    def repoint(self) -> None:
+        """Point the shared parameters at the active block's copies again, after the copies'
+        tensors were replaced (HostOffload moves them between host and GPU)."""
+        for name, p in self.params.items():
+            p.data = self.copies[self.active][name]
 
     def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
         return {str(block): dict(copy) for block, copy in enumerate(self.copies)}
