@@ -350,30 +350,19 @@ dbx.add_noise(y, torch.rand(256, device="cuda", generator=g) + 0.5, seed=1)  # r
 torch.cuda.synchronize()
 EOF
 )
-NCU_LIMIT=$(cap 60 110)
-if ! command -v ncu >/dev/null; then
-    echo "ncu not on PATH" | tee "$RESULTS/ncu.log"
-    STATUS_LINES+=("| ncu kernel counters | not available (no ncu) | - | ncu.log |")
-elif [ "$NCU_LIMIT" -lt 10 ]; then
-    echo "SKIPPED: no time left" | tee "$RESULTS/ncu.log"
-    STATUS_LINES+=("| ncu kernel counters | skipped (no time left) | - | ncu.log |")
-else
-    echo "\$ ncu --clock-control none ... (timeout ${NCU_LIMIT}s, log $RESULTS/ncu.log)"
-    t0=$(date +%s)
-    DBX_REQUIRE_EXT=1 timeout -k 5 "$NCU_LIMIT" ncu --clock-control none \
+# informative: its outcome is recorded but does not fail the check
+FAILED_BEFORE=$FAILED
+if command -v ncu >/dev/null; then
+    run_step "ncu kernel counters (informs only)" "$(cap 60 110)" "$RESULTS/ncu.log" \
+        env DBX_REQUIRE_EXT=1 ncu --clock-control none \
         --kernel-name regex:'ce_grad_warp_kernel|ce_warp_kernel|rowwise_kernel' \
         --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
-        "$PY" -c "$PROFILE" > "$RESULTS/ncu.log" 2>&1
-    rc=$?
-    if [ "$rc" -eq 0 ] && grep -q "Memory Throughput" "$RESULTS/ncu.log"; then
-        verdict="recorded"
-    else
-        verdict="not available (exit $rc; see log)"
-    fi
-    grep -E "ce_grad_warp_kernel|ce_warp_kernel|rowwise_kernel|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per" \
-        "$RESULTS/ncu.log" | cut -c1-160 | head -40
-    STATUS_LINES+=("| ncu kernel counters | $verdict | $(( $(date +%s) - t0 )) | ncu.log |")
+        "$PY" -c "$PROFILE"
+else
+    echo "ncu not on PATH" | tee "$RESULTS/ncu.log"
+    STATUS_LINES+=("| ncu kernel counters (informs only) | not available (no ncu) | - | ncu.log |")
 fi
+FAILED=$FAILED_BEFORE
 
 # ------------------------------------------------------------------------------ 5. trainer tests
 section "5. trainer on the GPU (device=cuda, offload=cpu)"

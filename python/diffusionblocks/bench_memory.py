@@ -130,10 +130,14 @@ def run_subprocess(spec: dict) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def measured_on_gpu(results: list[dict]) -> bool:
+    return results[0].get("device", "cpu").startswith("cuda")
+
+
 def table(results: list[dict]) -> str:
     mib = lambda n: f"{n / 2**20:.1f}"
     e2e = results[0]
-    peak = "GPU peak MiB" if results[0].get("device", "cpu").startswith("cuda") else "process peak MiB"
+    peak = "GPU peak MiB" if measured_on_gpu(results) else "process peak MiB"
     lines = [f"| configuration | params MiB | grads MiB | optimizer MiB | activations MiB | {peak} "
              "| peak ÷ | activations ÷ | step s | samples/s |", "|---" * 10 + "|"]
     for r in results:
@@ -159,9 +163,9 @@ def plot(results: list[dict], path: Path) -> None:
         values = [r[key] / 2**20 for r in results]
         ax.bar(names, values, bottom=bottom, label=label)
         bottom = [b + v for b, v in zip(bottom, values)]
-    on_gpu = results[0].get("device", "cpu").startswith("cuda")
     ax.scatter(names, [r["peak_bytes"] / 2**20 for r in results], color="black", marker="_", s=400,
-               label="GPU peak (max_memory_allocated)" if on_gpu else "process peak (RSS)", zorder=3)
+               label="GPU peak (max_memory_allocated)" if measured_on_gpu(results) else "process peak (RSS)",
+               zorder=3)
     ax.set_ylabel("MiB")
     ax.tick_params(axis="x", labelrotation=60, labelsize=8)
     ax.legend(fontsize=8)
