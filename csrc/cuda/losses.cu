@@ -11,6 +11,7 @@
 #include <cmath>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 
 #include "checks.h"
 #include "cuda/launch.cuh"
@@ -392,6 +393,16 @@ __global__ void __launch_bounds__(kThreads)
 // elementwise kernel (backward).
 constexpr int64_t kCeWarpMin = 64, kCeWarpMax = 1024;
 
+// Calls go(std::integral_constant<int, E>{}) with E, the values each lane holds, enough for
+// a row of C (kCeWarpMin < C <= kCeWarpMax) in one warp: the forward and backward agree.
+template <typename Go> void with_lane_values(int64_t C, const Go& go) {
+  if (C <= 256) {
+    go(std::integral_constant<int, 8>{});
+  } else {
+    go(std::integral_constant<int, 32>{});
+  }
+}
+
 struct CeShape {
   int64_t N, T, C;
 };
@@ -443,10 +454,8 @@ std::tuple<Tensor, Tensor> weighted_cross_entropy(const Tensor& logits, const Te
         const auto kernel = ce_group_kernel<4, V, index_t, scalar_t>;
         kernel<<<grid_blocks(kernel, P, 4), kThreads, 0, stream>>>(xp, tp, P_, C_, ignore_index, first_weight, lp,
                                                                    cp);
-      } else if (C <= 256) {
-        warp_per_row(ce_warp_kernel<8, V, index_t, scalar_t>);
       } else if (C <= kCeWarpMax) {
-        warp_per_row(ce_warp_kernel<32, V, index_t, scalar_t>);
+        with_lane_values(C, [&](auto e) { warp_per_row(ce_warp_kernel<decltype(e)::value, V, index_t, scalar_t>); });
       } else {
         const auto kernel = ce_block_kernel<V, index_t, scalar_t>;
         kernel<<<grid_blocks(kernel, P, kThreads), kThreads, 0, stream>>>(xp, tp, P_, C_, ignore_index, first_weight,
@@ -562,11 +571,7 @@ Tensor weighted_cross_entropy_backward(const Tensor& grad, const Tensor& logits,
             xp, op, static_cast<index_t>(shape.N * T), static_cast<index_t>(C), gp);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
-      if (C <= 256) {
-        launch(ce_grad_warp_kernel<8, V, index_t, scalar_t>);
-      } else {
-        launch(ce_grad_warp_kernel<32, V, index_t, scalar_t>);
-      }
+      with_lane_values(C, [&](auto e) { launch(ce_grad_warp_kernel<decltype(e)::value, V, index_t, scalar_t>); });
     });
   });
   return out;
