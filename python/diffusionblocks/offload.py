@@ -99,8 +99,7 @@ class HostOffload:
                 # kernels then run on, so they are ordered without waiting here
                 slot.put(value.to(self.device, non_blocking=True, copy=True))
         if self.shared_copies is not None:  # the shared modules on the copy now on the device
-            self.shared_copies.activate(block)
-            self.shared_copies.repoint()
+            self.shared_copies.repoint(block)
 
     def activate(self, block: int) -> None:
         if block != self.active:

@@ -19,12 +19,14 @@ class SharedCopies:
 
     def activate(self, block: int) -> None:
         if block != self.active:
-            self.active = block
-            self.repoint()
+            self.repoint(block)
 
-    def repoint(self) -> None:
-        """Point the shared parameters at the active block's copies again, after the copies'
-        tensors were replaced (HostOffload moves them between host and GPU)."""
+    def repoint(self, block: int | None = None) -> None:
+        """Point the shared parameters at `block`'s copies (default: the active block's) even
+        when they already were: HostOffload replaces the copies' tensors when it moves them
+        between host and GPU."""
+        if block is not None:
+            self.active = block
         for name, p in self.params.items():
             p.data = self.copies[self.active][name]
 
