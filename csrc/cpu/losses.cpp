@@ -23,6 +23,7 @@
 #include <sleef.h>
 #endif
 
+#include "accumulation.h"
 #include "checks.h"
 #include "cpu/acc_io.h"
 #include "cpu/rows.h"
@@ -32,10 +33,6 @@ namespace dbx::cpu {
 namespace {
 
 using at::Tensor;
-
-template <typename acc_t> Tensor acc_vector(const Tensor& s) {
-  return s.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
-}
 
 // Per-row coefficients of the F-space target f = (y − c_skip·z)·inv_c_out.
 template <typename acc_t> struct Target {
@@ -99,7 +96,7 @@ Tensor edm_loss(const Tensor& F, const Tensor& z, const Tensor& y, const Tensor&
   check::edm_loss_args(F, z, y, sigma, sigma_data);
   const Tensor Fc = F.contiguous(), zc = z.contiguous(), yc = y.contiguous();
   const int64_t rows = F.size(0), cols = rows ? F.numel() / rows : 0;
-  const auto acc = F.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = acc_dtype(F.scalar_type());
   Tensor out = at::empty({rows}, F.options().dtype(acc));
   if (rows == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, F.scalar_type(), "edm_loss_cpu", [&] {
@@ -428,7 +425,7 @@ std::tuple<Tensor, Tensor> weighted_cross_entropy(const Tensor& logits, const Te
   const Tensor xc = logits.contiguous(), tc = target.contiguous();
   const CeShape shape = ce_shape(logits);
   const int64_t N = shape.N, T = shape.T, C = shape.C, R = N * T;
-  const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = acc_dtype(logits.scalar_type());
   Tensor loss = at::empty({N}, logits.options().dtype(acc));
   Tensor lse = at::empty(target.sizes(), logits.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "weighted_cross_entropy_cpu", [&] {

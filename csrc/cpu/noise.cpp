@@ -21,6 +21,7 @@
 #define DBX_PHILOX_AVX2 1
 #endif
 
+#include "accumulation.h"
 #include "checks.h"
 #include "cpu/acc_io.h"
 #include "cpu/rows.h"
@@ -255,8 +256,7 @@ std::tuple<Tensor, Tensor> add_noise(const Tensor& y, const Tensor& sigma, int64
   const uint64_t key = static_cast<uint64_t>(seed), off = static_cast<uint64_t>(offset);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "add_noise_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto acc = c10::CppTypeToScalarType<acc_t>::value;
-    const Tensor s = sigma.to(acc).contiguous();
+    const Tensor s = acc_vector<acc_t>(sigma);
     const Tensor c = at::empty({rows}, s.options());
     const acc_t* sp = s.data_ptr<acc_t>();
     acc_t* cp = c.data_ptr<acc_t>();

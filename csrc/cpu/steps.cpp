@@ -7,6 +7,7 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
+#include "accumulation.h"
 #include "checks.h"
 #include "cpu/rows.h"
 #include "edm.h"
@@ -16,9 +17,6 @@ namespace {
 
 using at::Tensor;
 
-// σ (any float dtype) as a contiguous vector in the accumulation dtype.
-Tensor acc_vector(const Tensor& s, c10::ScalarType acc) { return s.to(acc).contiguous(); }
-
 Tensor denoise(const Tensor& F, const Tensor& z, const Tensor& sigma, double sigma_data) {
   check::denoise_args(F, z, sigma, sigma_data);
   const Tensor Fc = F.contiguous(), zc = z.contiguous();
@@ -27,7 +25,7 @@ Tensor denoise(const Tensor& F, const Tensor& z, const Tensor& sigma, double sig
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, F.scalar_type(), "denoise_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     using Vec = at::vec::Vectorized<acc_t>;
-    const Tensor s = acc_vector(sigma, c10::CppTypeToScalarType<acc_t>::value);
+    const Tensor s = acc_vector<acc_t>(sigma);
     const acc_t* sp = s.data_ptr<acc_t>();
     const scalar_t* fp = Fc.data_ptr<scalar_t>();
     const scalar_t* zp = zc.data_ptr<scalar_t>();
@@ -51,8 +49,7 @@ Tensor euler_step(const Tensor& z, const Tensor& F, const Tensor& sigma, const T
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, z.scalar_type(), "euler_step_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     using Vec = at::vec::Vectorized<acc_t>;
-    const auto acc = c10::CppTypeToScalarType<acc_t>::value;
-    const Tensor s = acc_vector(sigma, acc), sn = acc_vector(sigma_next, acc);
+    const Tensor s = acc_vector<acc_t>(sigma), sn = acc_vector<acc_t>(sigma_next);
     const acc_t *sp = s.data_ptr<acc_t>(), *snp = sn.data_ptr<acc_t>();
     const scalar_t* zp = zc.data_ptr<scalar_t>();
     const scalar_t* fp = Fc.data_ptr<scalar_t>();
@@ -77,8 +74,7 @@ Tensor heun_step(const Tensor& z, const Tensor& F, const Tensor& z_euler, const 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, z.scalar_type(), "heun_step_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     using Vec = at::vec::Vectorized<acc_t>;
-    const auto acc = c10::CppTypeToScalarType<acc_t>::value;
-    const Tensor s = acc_vector(sigma, acc), sn = acc_vector(sigma_next, acc);
+    const Tensor s = acc_vector<acc_t>(sigma), sn = acc_vector<acc_t>(sigma_next);
     const acc_t *sp = s.data_ptr<acc_t>(), *snp = sn.data_ptr<acc_t>();
     const scalar_t *zp = zc.data_ptr<scalar_t>(), *fp = Fc.data_ptr<scalar_t>();
     const scalar_t *z2p = z2.data_ptr<scalar_t>(), *f2p = F2.data_ptr<scalar_t>();

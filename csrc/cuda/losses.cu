@@ -13,6 +13,7 @@
 #include <tuple>
 #include <type_traits>
 
+#include "accumulation.h"
 #include "checks.h"
 #include "cuda/launch.cuh"
 #include "edm.h"
@@ -21,12 +22,6 @@ namespace dbx::cuda {
 namespace {
 
 using at::Tensor;
-
-template <typename acc_t> Tensor acc_vector(const Tensor& s) {
-  return s.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
-}
-
-c10::ScalarType acc_dtype(c10::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 // ---------------------------------------------------------------- edm_loss
 

@@ -11,6 +11,7 @@
 #include <cmath>
 #include <tuple>
 
+#include "accumulation.h"
 #include "checks.h"
 #include "cuda/launch.cuh"
 #include "edm.h"
@@ -86,7 +87,7 @@ std::tuple<Tensor, Tensor> add_noise(const Tensor& y, const Tensor& sigma, int64
   if (numel == 0) return {z, z_in};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "add_noise_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const Tensor s = sigma.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+    const Tensor s = acc_vector<acc_t>(sigma);
     const Streams<scalar_t, 1, 2> io{{yc.const_data_ptr<scalar_t>()},
                                      {z.mutable_data_ptr<scalar_t>(), z_in.mutable_data_ptr<scalar_t>()}};
     launch_rowwise</*NOISE=*/true>(io, AddNoiseOp<acc_t>{s.const_data_ptr<acc_t>(), static_cast<acc_t>(sigma_data)},

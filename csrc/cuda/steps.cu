@@ -5,6 +5,7 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
+#include "accumulation.h"
 #include "checks.h"
 #include "cuda/launch.cuh"
 #include "edm.h"
@@ -13,9 +14,6 @@ namespace dbx::cuda {
 namespace {
 
 using at::Tensor;
-
-// σ (any float dtype) as a contiguous vector in the accumulation dtype.
-Tensor acc_vector(const Tensor& s, c10::ScalarType acc) { return s.to(acc).contiguous(); }
 
 template <typename acc_t> struct DenoiseOp {  // inputs (F, z)
   const acc_t* sigma;
@@ -62,7 +60,7 @@ Tensor denoise(const Tensor& F, const Tensor& z, const Tensor& sigma, double sig
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, F.scalar_type(), "denoise_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const Tensor s = acc_vector(sigma, c10::CppTypeToScalarType<acc_t>::value);
+    const Tensor s = acc_vector<acc_t>(sigma);
     const Streams<scalar_t, 2, 1> io{{Fc.const_data_ptr<scalar_t>(), zc.const_data_ptr<scalar_t>()},
                                      {out.mutable_data_ptr<scalar_t>()}};
     launch_rowwise(io, DenoiseOp<acc_t>{s.const_data_ptr<acc_t>(), static_cast<acc_t>(sigma_data)},
@@ -81,8 +79,7 @@ Tensor euler_step(const Tensor& z, const Tensor& F, const Tensor& sigma, const T
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, z.scalar_type(), "euler_step_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto acc = c10::CppTypeToScalarType<acc_t>::value;
-    const Tensor s = acc_vector(sigma, acc), sn = acc_vector(sigma_next, acc);
+    const Tensor s = acc_vector<acc_t>(sigma), sn = acc_vector<acc_t>(sigma_next);
     const Streams<scalar_t, 2, 1> io{{zc.const_data_ptr<scalar_t>(), Fc.const_data_ptr<scalar_t>()},
                                      {out.mutable_data_ptr<scalar_t>()}};
     launch_rowwise(io,
@@ -103,8 +100,7 @@ Tensor heun_step(const Tensor& z, const Tensor& F, const Tensor& z_euler, const 
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, z.scalar_type(), "heun_step_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto acc = c10::CppTypeToScalarType<acc_t>::value;
-    const Tensor s = acc_vector(sigma, acc), sn = acc_vector(sigma_next, acc);
+    const Tensor s = acc_vector<acc_t>(sigma), sn = acc_vector<acc_t>(sigma_next);
     const Streams<scalar_t, 4, 1> io{{zc.const_data_ptr<scalar_t>(), Fc.const_data_ptr<scalar_t>(),
                                       z2.const_data_ptr<scalar_t>(), F2.const_data_ptr<scalar_t>()},
                                      {out.mutable_data_ptr<scalar_t>()}};
