@@ -181,10 +181,11 @@ void edm_loss_backward_args(const at::Tensor& grad, const at::Tensor& F, const a
   per_example("grad", grad, "F", F);
 }
 
-static void logits_shape(const at::Tensor& logits) {
+static LogitsShape logits_shape(const at::Tensor& logits) {
   floating("logits", logits);
   TORCH_CHECK_VALUE(logits.dim() == 2 || logits.dim() == 3,
                     "logits: expected shape [N, C] or [N, T, C], got ", shape(logits.sizes()));
+  return {logits.size(0), logits.dim() == 3 ? logits.size(1) : 1, logits.size(-1)};
 }
 
 static void per_position(const char* name, const at::Tensor& t, const at::Tensor& logits) {
@@ -200,10 +201,10 @@ static void class_indices(const at::Tensor& target, const at::Tensor& logits) {
   per_position("target", target, logits);
 }
 
-void cross_entropy_args(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& weight,
-                        int64_t ignore_index) {
-  logits_shape(logits);
-  const int64_t classes = logits.size(-1);
+LogitsShape cross_entropy_args(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& weight,
+                               int64_t ignore_index) {
+  const LogitsShape accepted = logits_shape(logits);
+  const int64_t classes = accepted.C;
   TORCH_CHECK_VALUE(classes > 0, "logits: expected at least one class (C >= 1), got C = 0");
   class_indices(target, logits);
   per_example("weight", weight, "logits", logits);
@@ -215,16 +216,18 @@ void cross_entropy_args(const at::Tensor& logits, const at::Tensor& target, cons
     TORCH_CHECK_VALUE(ok, "target: expected class indices in [0, ", num(classes), ") or ignore_index = ",
                       num(ignore_index));
   }
+  return accepted;
 }
 
-void cross_entropy_backward_args(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& target,
-                                 const at::Tensor& weight, const at::Tensor& lse) {
-  logits_shape(logits);
+LogitsShape cross_entropy_backward_args(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& target,
+                                        const at::Tensor& weight, const at::Tensor& lse) {
+  const LogitsShape accepted = logits_shape(logits);
   class_indices(target, logits);
   floating("lse", lse);
   per_position("lse", lse, logits);
   per_example("weight", weight, "logits", logits);
   per_example("grad", grad, "logits", logits);
+  return accepted;
 }
 
 }  // namespace dbx::check

@@ -42,10 +42,15 @@ void edm_loss_args(const at::Tensor& F, const at::Tensor& z, const at::Tensor& y
                    double sigma_data);
 void edm_loss_backward_args(const at::Tensor& grad, const at::Tensor& F, const at::Tensor& z, const at::Tensor& y,
                             const at::Tensor& sigma);
+// Logits [N, C] or [N, T, C] read as N examples of T positions (T = 1 for [N, C]) of C
+// classes; the cross-entropy checks return the shape they accepted.
+struct LogitsShape {
+  int64_t N, T, C;
+};
 // Target values are checked on CPU only (the Python layer checks CUDA ones).
-void cross_entropy_args(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& weight,
-                        int64_t ignore_index);
-void cross_entropy_backward_args(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& target,
-                                 const at::Tensor& weight, const at::Tensor& lse);
+LogitsShape cross_entropy_args(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& weight,
+                               int64_t ignore_index);
+LogitsShape cross_entropy_backward_args(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& target,
+                                        const at::Tensor& weight, const at::Tensor& lse);
 
 }  // namespace dbx::check

@@ -398,15 +398,6 @@ template <typename scalar_t> std::pair<double, double> scalar_shift_log_sum(cons
   return {shift, std::log(sum)};
 }
 
-// Rows of [R, C] logits with their example index n = r / T.
-struct CeShape {
-  int64_t N, T, C;
-};
-CeShape ce_shape(const Tensor& logits) {
-  const int64_t N = logits.size(0), C = logits.size(-1);
-  return {N, logits.dim() == 3 ? logits.size(1) : 1, C};
-}
-
 // Rows per block: a multiple of G (the tiles then never straddle blocks, whatever the thread
 // count) whose per-row values fit in small stack arrays.
 constexpr int64_t kBlockRows = 64;
@@ -421,9 +412,8 @@ template <typename Fn> void for_each_row_block(int64_t R, int64_t C, const Fn& f
 
 std::tuple<Tensor, Tensor> weighted_cross_entropy(const Tensor& logits, const Tensor& target, const Tensor& weight,
                                                   int64_t ignore_index) {
-  check::cross_entropy_args(logits, target, weight, ignore_index);
+  const check::LogitsShape shape = check::cross_entropy_args(logits, target, weight, ignore_index);
   const Tensor xc = logits.contiguous(), tc = target.contiguous();
-  const CeShape shape = ce_shape(logits);
   const int64_t N = shape.N, T = shape.T, C = shape.C, R = N * T;
   const auto acc = acc_dtype(logits.scalar_type());
   Tensor loss = at::empty({N}, logits.options().dtype(acc));
@@ -538,10 +528,9 @@ void ce_grad_row(const scalar_t* x, scalar_t* out, int64_t C, int64_t target, at
 
 Tensor weighted_cross_entropy_backward(const Tensor& grad, const Tensor& logits, const Tensor& target,
                                        const Tensor& weight, const Tensor& lse, int64_t ignore_index) {
-  check::cross_entropy_backward_args(grad, logits, target, weight, lse);
+  const check::LogitsShape shape = check::cross_entropy_backward_args(grad, logits, target, weight, lse);
   const Tensor xc = logits.contiguous(), tc = target.contiguous();
   Tensor out = at::empty_like(xc);
-  const CeShape shape = ce_shape(logits);
   const int64_t T = shape.T, C = shape.C, R = shape.N * T;
   if (out.numel() == 0) return out;
   std::atomic<bool> bad_target{false};

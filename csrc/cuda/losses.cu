@@ -398,19 +398,11 @@ template <typename Go> void with_lane_values(int64_t C, const Go& go) {
   }
 }
 
-struct CeShape {
-  int64_t N, T, C;
-};
-CeShape ce_shape(const Tensor& logits) {
-  return {logits.size(0), logits.dim() == 3 ? logits.size(1) : 1, logits.size(-1)};
-}
-
 std::tuple<Tensor, Tensor> weighted_cross_entropy(const Tensor& logits, const Tensor& target, const Tensor& weight,
                                                   int64_t ignore_index) {
-  check::cross_entropy_args(logits, target, weight, ignore_index);
+  const check::LogitsShape shape = check::cross_entropy_args(logits, target, weight, ignore_index);
   const c10::cuda::CUDAGuard guard(logits.device());
   const Tensor xc = logits.contiguous(), tc = target.contiguous();
-  const CeShape shape = ce_shape(logits);
   const int64_t N = shape.N, T = shape.T, C = shape.C, P = N * T;
   const auto acc = acc_dtype(logits.scalar_type());
   Tensor loss = at::empty({N}, logits.options().dtype(acc));
@@ -535,11 +527,10 @@ __global__ void __launch_bounds__(kThreads)
 
 Tensor weighted_cross_entropy_backward(const Tensor& grad, const Tensor& logits, const Tensor& target,
                                        const Tensor& weight, const Tensor& lse, int64_t ignore_index) {
-  check::cross_entropy_backward_args(grad, logits, target, weight, lse);
+  const check::LogitsShape shape = check::cross_entropy_backward_args(grad, logits, target, weight, lse);
   const c10::cuda::CUDAGuard guard(logits.device());
   const Tensor xc = logits.contiguous(), tc = target.contiguous();
   Tensor out = at::empty_like(xc);
-  const CeShape shape = ce_shape(logits);
   const int64_t T = shape.T, C = shape.C;
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(),
