@@ -96,7 +96,7 @@ Tensor edm_loss(const Tensor& F, const Tensor& z, const Tensor& y, const Tensor&
   check::edm_loss_args(F, z, y, sigma, sigma_data);
   const Tensor Fc = F.contiguous(), zc = z.contiguous(), yc = y.contiguous();
   const int64_t rows = F.size(0), cols = rows ? F.numel() / rows : 0;
-  const auto acc = acc_dtype(F.scalar_type());
+  const auto acc = at::toOpMathType(F.scalar_type());
   Tensor out = at::empty({rows}, F.options().dtype(acc));
   if (rows == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, F.scalar_type(), "edm_loss_cpu", [&] {
@@ -415,7 +415,7 @@ std::tuple<Tensor, Tensor> weighted_cross_entropy(const Tensor& logits, const Te
   const check::LogitsShape shape = check::cross_entropy_args(logits, target, weight, ignore_index);
   const Tensor xc = logits.contiguous(), tc = target.contiguous();
   const int64_t N = shape.N, T = shape.T, C = shape.C, R = N * T;
-  const auto acc = acc_dtype(logits.scalar_type());
+  const auto acc = at::toOpMathType(logits.scalar_type());
   Tensor loss = at::empty({N}, logits.options().dtype(acc));
   Tensor lse = at::empty(target.sizes(), logits.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "weighted_cross_entropy_cpu", [&] {

@@ -107,7 +107,7 @@ Tensor edm_loss(const Tensor& F, const Tensor& z, const Tensor& y, const Tensor&
   const c10::cuda::CUDAGuard guard(F.device());
   const Tensor Fc = F.contiguous(), zc = z.contiguous(), yc = y.contiguous();
   const int64_t rows = F.size(0), cols = rows ? F.numel() / rows : 0;
-  Tensor out = at::empty({rows}, F.options().dtype(acc_dtype(F.scalar_type())));
+  Tensor out = at::empty({rows}, F.options().dtype(at::toOpMathType(F.scalar_type())));
   if (rows == 0) return out;
   if (cols == 0) return out.fill_(std::numeric_limits<double>::quiet_NaN());  // mean of nothing, like mean()
   const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -404,7 +404,7 @@ std::tuple<Tensor, Tensor> weighted_cross_entropy(const Tensor& logits, const Te
   const c10::cuda::CUDAGuard guard(logits.device());
   const Tensor xc = logits.contiguous(), tc = target.contiguous();
   const int64_t N = shape.N, T = shape.T, C = shape.C, P = N * T;
-  const auto acc = acc_dtype(logits.scalar_type());
+  const auto acc = at::toOpMathType(logits.scalar_type());
   Tensor loss = at::empty({N}, logits.options().dtype(acc));
   Tensor lse = at::empty(target.sizes(), logits.options().dtype(acc));
   if (N == 0) return {loss, lse};
