@@ -4,11 +4,6 @@ records) and the loss-by-block plot drawn from them."""
 import json
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only; no display on a training machine
-import matplotlib.pyplot as plt  # noqa: E402
-
 
 class MetricsLog:
     def __init__(self, path, resume_step: int | None = None):
@@ -48,8 +43,13 @@ def _moving_average(values: list[float], window: int) -> list[float]:
 
 def plot_loss_by_block(metrics_path, png_path, num_blocks: int, end_to_end: bool) -> None:
     """Training loss against step, one curve per block (moving average over 25 of its steps)."""
+    # matplotlib is imported here, not at the top: it adds 0.4 s to every start of the CLI.
+    # A bare Figure draws to a file with no pyplot state and no display backend.
+    from matplotlib.figure import Figure
+
     records = [r for r in MetricsLog.read(metrics_path) if "loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     for block in range(num_blocks):
         mine = [r for r in records if r["block"] == block]
         if mine:
@@ -61,4 +61,3 @@ def plot_loss_by_block(metrics_path, png_path, num_blocks: int, end_to_end: bool
     ax.legend()
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
-    plt.close(fig)
