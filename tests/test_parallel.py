@@ -77,24 +77,30 @@ def test_global_shared_modules_need_a_sync_interval():
         BlockParallel(2, config)
 
 
-def test_processes_that_do_not_divide_the_blocks_are_refused(tmp_path):
-    done = torchrun(4, "vit-digits-tiny", "--parallel", "blocks", "--out", str(tmp_path / "x"),
-                    "--set", *FIELDS, "shared=per-block")  # 4 processes, B = 3
-    assert done.returncode != 0
-    assert "parallel: 4 processes cannot split evenly over B=3 blocks" in done.stderr
+def stub_process_group(monkeypatch, world: int, started: list) -> None:
+    """torch.distributed as seen from rank 0 of `world` processes, with no processes: the
+    rules BlockParallel applies on every rank, checked without starting any."""
+    from diffusionblocks import parallel
+
+    monkeypatch.setattr(parallel.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(parallel.dist, "init_process_group", started.append)
+    monkeypatch.setattr(parallel.dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(parallel.dist, "get_world_size", lambda: world)
+    monkeypatch.setattr(parallel.dist, "new_group", lambda ranks: tuple(ranks))
+
+
+def test_processes_that_do_not_divide_the_blocks_are_refused(monkeypatch):
+    stub_process_group(monkeypatch, 4, [])
+    config = C.override(C.preset("vit-digits-tiny"), ["parallel=blocks", "shared=per-block"])
+    with pytest.raises(C.ConfigError, match="^parallel: 4 processes cannot split evenly over B=3 blocks"):
+        BlockParallel(3, config)
 
 
 @pytest.mark.parametrize("device, backend", [("cpu", "gloo"), ("cuda", "nccl")])
 def test_the_process_group_backend_follows_the_device(monkeypatch, device, backend):
-    """The choice alone, with torch.distributed stubbed (NCCL itself needs two GPUs)."""
-    from diffusionblocks import parallel
-
+    """The choice alone (NCCL itself needs two GPUs)."""
     started = []
-    monkeypatch.setattr(parallel.dist, "is_initialized", lambda: False)
-    monkeypatch.setattr(parallel.dist, "init_process_group", started.append)
-    monkeypatch.setattr(parallel.dist, "get_rank", lambda: 0)
-    monkeypatch.setattr(parallel.dist, "get_world_size", lambda: 2)
-    monkeypatch.setattr(parallel.dist, "new_group", lambda ranks: tuple(ranks))
+    stub_process_group(monkeypatch, 2, started)
     config = C.override(C.preset("vit-digits-tiny"), ["parallel=blocks", "shared=per-block", f"device={device}"])
     blocks = BlockParallel(2, config)
     assert started == [backend] and blocks.groups == [(0,), (1,)]
