@@ -198,6 +198,16 @@ def test_memory_bench_checks_every_configuration_before_running_any(tmp_path, ca
     assert not (tmp_path / "memory.json").exists()
 
 
+def test_memory_bench_draws_its_figure(tmp_path):
+    from diffusionblocks import bench_memory
+
+    parts = ["param_bytes", "grad_bytes", "optimizer_bytes", "activation_bytes"]
+    results = [{"name": name, "device": "cpu", "peak_bytes": 5 * 2**20, **{p: (i + 1) * 2**18 for p in parts}}
+               for i, name in enumerate(["end-to-end", "blocks B=2"])]
+    bench_memory.plot(results, tmp_path / "memory.png")
+    assert (tmp_path / "memory.png").read_bytes().startswith(b"\x89PNG")
+
+
 def test_eval_on_a_named_device_keeps_the_run_offloaded(tmp_path):
     from diffusionblocks import cli
     from diffusionblocks.offload import DiskOffload
