@@ -89,11 +89,14 @@ def stub_process_group(monkeypatch, world: int, started: list) -> None:
     monkeypatch.setattr(parallel.dist, "new_group", lambda ranks: tuple(ranks))
 
 
-def test_processes_that_do_not_divide_the_blocks_are_refused(monkeypatch):
-    stub_process_group(monkeypatch, 4, [])
-    config = C.override(C.preset("vit-digits-tiny"), ["parallel=blocks", "shared=per-block"])
-    with pytest.raises(C.ConfigError, match="^parallel: 4 processes cannot split evenly over B=3 blocks"):
-        BlockParallel(3, config)
+def test_processes_that_do_not_divide_the_blocks_are_refused(tmp_path, monkeypatch, capsys):
+    from diffusionblocks import cli
+
+    stub_process_group(monkeypatch, 4, [])  # 4 processes, B = 3
+    code = cli.main(["train", "vit-digits-tiny", "--parallel", "blocks", "--out", str(tmp_path / "x"),
+                     "--set", *FIELDS, "shared=per-block"])
+    assert code != 0
+    assert "parallel: 4 processes cannot split evenly over B=3 blocks" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("device, backend", [("cpu", "gloo"), ("cuda", "nccl")])
