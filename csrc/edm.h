@@ -1,4 +1,4 @@
-// EDM preconditioning (Karras et al. 2022, SPEC.md §2) and the sampler-step
+// EDM preconditioning (Karras et al. 2022, docs/method.md §2) and the sampler-step
 // coefficients derived from it. The only C++ copy of these formulas: the CPU and
 // CUDA kernels both include this file. The Python copy is diffusionblocks_ext/reference.py.
 #pragma once
@@ -31,7 +31,7 @@ template <typename T> struct Affine2 {
   T a_z, a_f;
 };
 
-// Euler, SPEC §5 (sign as in the authors' code):
+// Euler, docs/method.md §5 (sign as in the authors' code):
 //   z_next = z + (sigma_next - sigma) * (z - D) / sigma,  D = c_skip*z + c_out*F.
 // With `denoised` the second input already is D (discrete targets: softmax(logits)·E).
 // a_z = 1 + h·(1 − c_skip) with h = (sigma_next − sigma)/sigma is written as the sum of two
@@ -66,7 +66,7 @@ DBX_HOST_DEVICE Affine4<T> heun_coefficients(T sigma, T sigma_next, T sigma_data
 }  // namespace dbx
 
 namespace dbx {
-// The score-matching loss in F-space (SPEC §2): λ(σ)·(D − y)² == (F − f_target)² exactly,
+// The score-matching loss in F-space (docs/method.md §2): λ(σ)·(D − y)² == (F − f_target)² exactly,
 // because λ·c_out² = 1. The F-space form stays bounded where λ reaches 2.5e5 (σ = 0.002).
 template <typename T>
 DBX_HOST_DEVICE T f_target(T y, T z, T c_skip_sigma, T inv_c_out_sigma) {

@@ -1,4 +1,4 @@
-// The truncated log-normal σ sampler of SPEC §3, by inverse CDF:
+// The truncated log-normal σ sampler of docs/method.md §3, by inverse CDF:
 //   u ~ U(Φ(ℓ_lo), Φ(ℓ_hi)),  ℓ = (ln σ − P_mean)/P_std,  σ = exp(P_mean + P_std·Φ⁻¹(u)),
 // computed from the tail the range lies in (LognormalRange below).
 // In float64 throughout: Φ(ℓ_hi) is 1 − 1.6e−6 at σ_max = 80.

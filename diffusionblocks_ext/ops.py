@@ -40,7 +40,7 @@ def _scaled(grad, coef, like):
 
 def sample_sigma(n, sigma_lo, sigma_hi, *, seed=None, offset=0, p_mean=P_MEAN, p_std=P_STD,
                  device=None, dtype=torch.float32, generator=None):
-    """n draws of σ from the log-normal truncated to [sigma_lo, sigma_hi] (SPEC §3)."""
+    """n draws of σ from the log-normal truncated to [sigma_lo, sigma_hi] (docs/method.md §3)."""
     device = torch.device("cpu") if device is None else torch.device(device)
     if _backend_for(device) == "reference":
         return reference.sample_sigma(n, sigma_lo, sigma_hi, seed=seed, offset=offset, p_mean=p_mean,

@@ -1,6 +1,6 @@
 """Pure-PyTorch implementation of every op: the fallback when the compiled extension is
 absent and the oracle the kernels are tested against. Same signatures and semantics as
-the public ops in diffusionblocks_ext; the formulas are named as in EDM / SPEC.md §2–§5
+the public ops in diffusionblocks_ext; the formulas are named as in EDM / docs/method.md §2–§5
 and written once here (the C++ copy is csrc/edm.h).
 
 Conventions shared with the kernels:
@@ -39,7 +39,7 @@ def _per_row(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], math.prod(x.shape[1:]))
 
 
-# EDM preconditioning (SPEC §2); sigma is a tensor.
+# EDM preconditioning (docs/method.md §2); sigma is a tensor.
 def c_skip(sigma, sigma_data=SIGMA_DATA):
     return sigma_data**2 / (sigma**2 + sigma_data**2)
 
@@ -125,7 +125,7 @@ def check_sample_sigma(n, sigma_lo, sigma_hi, p_mean, p_std, dtype):
 def sample_sigma(n, sigma_lo, sigma_hi, *, seed=None, offset=0, p_mean=P_MEAN, p_std=P_STD,
                  device=None, dtype=torch.float32, generator=None):
     """n draws of σ from the log-normal (ln σ ~ N(p_mean, p_std²)) truncated to
-    [sigma_lo, sigma_hi], by inverse CDF in float64 (SPEC §3). Example i uses Philox
+    [sigma_lo, sigma_hi], by inverse CDF in float64 (docs/method.md §3). Example i uses Philox
     counter (i, offset)."""
     check_sample_sigma(n, sigma_lo, sigma_hi, p_mean, p_std, dtype)
     seed = _philox.resolve_seed(seed, generator)
@@ -226,7 +226,7 @@ def check_edm_loss(F, z, y, sigma, sigma_data, values=True):
 
 def edm_loss(F, z, y, sigma, *, sigma_data=SIGMA_DATA):
     """Per-example [N] loss mean((F − (y − c_skip·z)/c_out)²) over the trailing dims,
-    equal to λ(σ)·mean((D − y)²) (SPEC §2). float32 (float64 for float64 inputs)."""
+    equal to λ(σ)·mean((D − y)²) (docs/method.md §2). float32 (float64 for float64 inputs)."""
     check_edm_loss(F, z, y, sigma, sigma_data)
     s = broadcast_rows(sigma, F)
     target = (y.to(s.dtype) - c_skip(s, sigma_data) * z.to(s.dtype)) / c_out(s, sigma_data)

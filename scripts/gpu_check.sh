@@ -312,7 +312,7 @@ XDIST=()
 "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n "$(( $(nproc) < 8 ? $(nproc) : 8 ))")
 if [ "$HAVE_PYTEST" -eq 1 ]; then
     run_step "pytest op tests" "$(cap 150 140)" "$RESULTS/tests.log" \
-        env DBX_REQUIRE_EXT=1 "$PY" -m pytest "${OP_TESTS[@]}" "${XDIST[@]}" -q -rfE --maxfail=10 \
+        env DBX_REQUIRE_EXT=1 PYTHONPATH="$ROOT/python:$ROOT" "$PY" -m pytest "${OP_TESTS[@]}" "${XDIST[@]}" -q -rfE --maxfail=10 \
         -p no:cacheprovider --durations=10
 else
     echo "pytest is not installed: only the cross-check (step 2) ran" | tee "$RESULTS/tests.log"
@@ -330,7 +330,7 @@ if [ "$BENCH_LIMIT" -lt 100 ]; then
     BENCH_ARGS+=(--no-compile)
 fi
 run_step "benchmark (cuda)" "$BENCH_LIMIT" "$RESULTS/bench_cuda.log" \
-    env DBX_REQUIRE_EXT=1 "$PY" -m diffusionblocks_ext.bench "${BENCH_ARGS[@]}"
+    env DBX_REQUIRE_EXT=1 PYTHONPATH="$ROOT/python:$ROOT" "$PY" -m diffusionblocks.tools.bench_ops "${BENCH_ARGS[@]}"
 
 # ------------------------------------------------------------------------------ 4b. kernel counters
 section "4b. kernel counters of the ops furthest from copy bandwidth (ncu, where it reads them)"

@@ -1,4 +1,4 @@
-"""The autoregressive LM task (ar.py): the 2T mask exactly as SPEC §6 says, no future
+"""The autoregressive LM task (ar.py): the 2T mask exactly as docs/method.md §6 says, no future
 leakage in either stream, block isolation, generation, and the CLI on the tiny preset."""
 
 import json
@@ -8,7 +8,7 @@ import torch
 
 from diffusionblocks import cli
 from diffusionblocks import config as C
-from diffusionblocks.ar import two_stream_mask
+from diffusionblocks.tasks.ar import two_stream_mask
 from diffusionblocks.errors import ConfigError
 from diffusionblocks.train import Trainer
 
@@ -31,7 +31,7 @@ def scrambled(trainer: Trainer) -> Trainer:
 
 
 def expected_mask(clean: int, noisy: int) -> torch.Tensor:
-    """SPEC §6 written out: clean i sees clean j <= i; noisy at position p sees clean j < p and itself."""
+    """docs/method.md §6 written out: clean i sees clean j <= i; noisy at position p sees clean j < p and itself."""
     size = clean + noisy
     mask = torch.zeros(size, size, dtype=torch.bool)
     for row in range(size):

@@ -1,6 +1,6 @@
 """Every public op on every path (the compiled kernels through the public op, the
 reference, the dispatcher op with its autograd) answers each input of the bad-input matrix
-(diffusionblocks_ext.robustness.matrix: wrong dtypes, shapes and σ lengths, σ <= 0, NaN,
+(diffusionblocks.tools.op_cases.matrix: wrong dtypes, shapes and σ lengths, σ <= 0, NaN,
 inf and huge σ, N = 0, strided, transposed and expanded inputs, 0-d tensors, gradient
 combinations, meta and mixed devices) with either a result equal to the float64 reference
 or a ValueError naming the argument, with the reference's text. Plus the fixes the matrix
@@ -15,28 +15,29 @@ from scipy import stats
 
 import diffusionblocks_ext as dx
 from diffusionblocks_ext import reference as R
-from diffusionblocks_ext import robustness as rb
+from diffusionblocks.tools import op_cases as oc
+from diffusionblocks.tools import robustness
 
 from conftest import requires_ext
 
 PARAMS = [pytest.param(case, path, id=f"{path}-{case.id}")
-          for case in rb.matrix() for path in rb.available_paths() if path in case.paths]
+          for case in oc.matrix() for path in oc.available_paths() if path in case.paths]
 
 
 @pytest.mark.parametrize("case, path", PARAMS)
 def test_each_input_gives_a_correct_result_or_a_clear_error(case, path):
     if case.needs_cuda and not torch.cuda.is_available():
         pytest.skip("needs a GPU")
-    outcome = rb.run(case, path)
+    outcome = oc.run(case, path)
     assert outcome.kind in ("correct", "error"), f"{outcome.kind}: {outcome.detail}"
 
 
 def test_the_matrix_covers_every_op_with_results_and_errors():
-    cases = rb.matrix()
-    for op in rb.OPS:
+    cases = oc.matrix()
+    for op in oc.OPS:
         ours = [c for c in cases if c.op == op]
         assert any(c.expect is None for c in ours) and any(c.expect for c in ours), op
-    for op in rb.STATE_OPS:
+    for op in oc.STATE_OPS:
         names = " / ".join(c.name for c in cases if c.op == op)
         for needed in ("int64", "bool", "0-d", "N = 0", "N - 1 values", "NaN", "+inf", "1e6", "< 0", "transposed",
                        "expanded", "strided", "requires grad", "gradients to every input", "on meta", "on cuda"):
@@ -45,7 +46,7 @@ def test_the_matrix_covers_every_op_with_results_and_errors():
 
 @requires_ext
 def test_the_lse_output_of_the_dispatcher_op_is_differentiable():
-    logits = rb.make((3, 4, 6), torch.float64, gen=torch.Generator().manual_seed(0)).requires_grad_(True)
+    logits = oc.make((3, 4, 6), torch.float64, gen=torch.Generator().manual_seed(0)).requires_grad_(True)
     target = torch.tensor([[0, 1, 5, -100], [2, 2, 2, 2], [5, 4, 3, 2]])
     weight = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
     upstream = torch.rand(3, 4, dtype=torch.float64)
@@ -61,9 +62,9 @@ def test_the_lse_output_of_the_dispatcher_op_is_differentiable():
 
 def test_double_backward_matches_the_reference():
     g = torch.Generator().manual_seed(1)
-    F, z, y = (rb.make((3, 7), torch.float64, gen=g).requires_grad_(True) for _ in range(3))
-    sigma = rb.make_sigma(3, g, dtype=torch.float64)
-    logits = rb.make((3, 2, 5), torch.float64, gen=g).requires_grad_(True)
+    F, z, y = (oc.make((3, 7), torch.float64, gen=g).requires_grad_(True) for _ in range(3))
+    sigma = oc.make_sigma(3, g, dtype=torch.float64)
+    logits = oc.make((3, 2, 5), torch.float64, gen=g).requires_grad_(True)
     target = torch.tensor([[0, 4], [2, -100], [1, 1]])
 
     def penalty(impl):
@@ -78,10 +79,10 @@ def test_double_backward_matches_the_reference():
 
 def test_gradgradcheck_of_the_losses():
     g = torch.Generator().manual_seed(2)
-    F, z, y = (rb.make((2, 3), torch.float64, gen=g).requires_grad_(True) for _ in range(3))
-    sigma = rb.make_sigma(2, g, dtype=torch.float64)
+    F, z, y = (oc.make((2, 3), torch.float64, gen=g).requires_grad_(True) for _ in range(3))
+    sigma = oc.make_sigma(2, g, dtype=torch.float64)
     assert torch.autograd.gradgradcheck(lambda a, b, c: dx.edm_loss(a, b, c, sigma), (F, z, y))
-    logits = rb.make((2, 3, 4), torch.float64, gen=g).requires_grad_(True)
+    logits = oc.make((2, 3, 4), torch.float64, gen=g).requires_grad_(True)
     target = torch.tensor([[0, 3, -100], [1, 1, 2]])
     assert torch.autograd.gradgradcheck(lambda x: dx.weighted_cross_entropy(x, target, sigma), (logits,))
 
@@ -110,8 +111,8 @@ def test_the_script_counts_a_crash_and_goes_on(monkeypatch):
     # case it was running; a fresh worker carries on with the next case.
     crash = "denoise: fuzz 0"
     monkeypatch.setenv("DBX_ROBUSTNESS_CRASH", crash)
-    records = rb._supervise("fuzz", "public", count=1, seed=0, timeout=120)
-    assert [r["case"] for r in records] == ["fuzz 0"] * len(rb.OPS)
+    records = robustness._supervise("fuzz", "public", count=1, seed=0, timeout=120)
+    assert [r["case"] for r in records] == ["fuzz 0"] * len(oc.OPS)
     kinds = {f"{r['op']}: {r['case']}": r["kind"] for r in records}
     assert kinds.pop(crash) == "crash"
     assert set(kinds.values()) <= {"correct", "error"}, records

@@ -1,4 +1,4 @@
-"""EDM coefficients against the spot values of SPEC.md §2, the same in the C++ header
+"""EDM coefficients against the spot values of docs/method.md §2, the same in the C++ header
 (via the kernels) and in the reference."""
 
 import math

@@ -114,7 +114,7 @@ def test_gpu_host_offload_keeps_one_block_on_the_gpu_and_trains_like_no_offload(
 
 @requires_cuda
 def test_memory_bench_measures_the_gpu_peak_with_host_offload():
-    from diffusionblocks import bench_memory
+    from diffusionblocks.tools import bench_memory
 
     spec = {"name": "blocks B=2 + offload", "preset": "vit-digits-tiny", "steps_per_block": 1, "threads": 1,
             "device": "cuda", "overrides": ["model.layers=4", "blocks=2", "offload=cpu"]}
@@ -129,7 +129,7 @@ def test_block_parallel_runs_every_collective_through_nccl_on_one_gpu(tmp_path):
     takes every block and runs each collective of the loop through NCCL (the shared-module
     all-reduce, the stop flag, the gather, the barrier), and ends where the serial GPU run
     ends (up to GPU nondeterminism; a skipped or doubled average would move it by far more)."""
-    from diffusionblocks import checkpoint
+    from diffusionblocks.systems import checkpoint
     from diffusionblocks import config as C
     from diffusionblocks.train import Trainer
     from test_parallel import FIELDS, torchrun

@@ -1,4 +1,4 @@
-"""DiT image generation (issue 4): the target scaling, block isolation, the sampler (shapes,
+"""DiT image generation: the target scaling, block isolation, the sampler (shapes,
 determinism, Euler vs Heun, classifier-free guidance, layer-evaluation counts), the
 evaluator (accuracy on real digits, Fréchet distance) and one tiny run through the CLI."""
 
@@ -10,12 +10,13 @@ import pytest
 import torch
 
 import diffusionblocks_ext as dx
-from diffusionblocks import cli, data, evaluator, sampler, schedule
+from diffusionblocks import cli, sampler, schedule
+from diffusionblocks.tasks import digits, evaluator
 from diffusionblocks import config as C
-from diffusionblocks.dit import DiTGeneration, unpatchify
+from diffusionblocks.tasks.dit import DiTGeneration
+from diffusionblocks.tasks.layers import patchify, unpatchify
 from diffusionblocks.errors import ConfigError
 from diffusionblocks.partition import BlockPartition
-from diffusionblocks.vit import patchify
 
 
 def tiny_task(seed: int = 0) -> DiTGeneration:
@@ -34,7 +35,7 @@ def tiny_task(seed: int = 0) -> DiTGeneration:
 def judge(tmp_path_factory):
     """The evaluator, trained once for this file and cached where runs can reuse it."""
     folder = tmp_path_factory.mktemp("evaluator")
-    model, reused = evaluator.load_or_train(folder, data.load())
+    model, reused = evaluator.load_or_train(folder, digits.load())
     assert not reused and (folder / evaluator.FILENAME).exists()
     return model, folder
 
@@ -174,8 +175,8 @@ def test_each_evaluation_runs_the_block_owning_its_sigma_and_block_wise_costs_b_
 
 def test_the_evaluator_classifies_real_test_digits(judge):
     model, _ = judge
-    digits = data.load()
-    assert evaluator.accuracy(model, digits.test_images, digits.test_labels) >= 0.95
+    dataset = digits.load()
+    assert evaluator.accuracy(model, dataset.test_images, dataset.test_labels) >= 0.95
 
 
 def test_frechet_distance_matches_the_closed_form():

@@ -1,6 +1,6 @@
 """Property-based tests (hypothesis): random shapes, dtypes (float32/float64/bfloat16/
 float16), strides (transposed, strided, expanded, offset), σ ranges and gradient subsets,
-drawn from the fuzz space of diffusionblocks_ext.robustness.fuzz_case, each op checked
+drawn from the fuzz space of diffusionblocks.tools.op_cases.fuzz_case, each op checked
 forward and backward against the float64 reference within the output dtype's rounding.
 With the extension loaded this compares the compiled kernels (public op and dispatcher op)
 with the reference; with DBX_DISABLE_EXT=1 it checks the reference in low precision
@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 import diffusionblocks_ext as dx
 from diffusionblocks_ext import reference as R
-from diffusionblocks_ext import robustness as rb
+from diffusionblocks.tools import op_cases as oc
 
 EXAMPLES = int(os.environ.get("DBX_FUZZ_EXAMPLES", "0"))
 # derandomize: the same examples on every run, so CI is deterministic; no example database
@@ -40,13 +40,13 @@ class HypothesisPick:
         return self.data.draw(st.integers(lo, hi))
 
 
-@pytest.mark.parametrize("op", rb.OPS)
+@pytest.mark.parametrize("op", oc.OPS)
 @FUZZ
 @given(data=st.data())
 def test_op_matches_the_float64_reference(op, data):
-    case = rb.fuzz_case(op, HypothesisPick(data))
-    for path in rb.available_paths():
-        outcome = rb.run(case, path)
+    case = oc.fuzz_case(op, HypothesisPick(data))
+    for path in oc.available_paths():
+        outcome = oc.run(case, path)
         assert outcome.kind == "correct", f"{path}: {outcome.kind}: {outcome.detail}"
 
 
@@ -55,9 +55,9 @@ def _state(data, count, dtype=None):
     pick = HypothesisPick(data)
     gen = torch.Generator().manual_seed(pick.integer(0, 2**31 - 1))
     n, trailing = pick.integer(1, 6), tuple(pick.integer(1, 9) for _ in range(pick.integer(0, 2)))
-    dtype = dtype or pick.choice(rb.FLOAT_DTYPES)
-    xs = [rb.make((n, *trailing), dtype, pick.choice(rb.LAYOUTS), gen) for _ in range(count)]
-    return xs, rb.make_sigma(n, gen, *pick.choice(rb.SIGMA_RANGES[:3]))
+    dtype = dtype or pick.choice(oc.FLOAT_DTYPES)
+    xs = [oc.make((n, *trailing), dtype, pick.choice(oc.LAYOUTS), gen) for _ in range(count)]
+    return xs, oc.make_sigma(n, gen, *pick.choice(oc.SIGMA_RANGES[:3]))
 
 
 def _assert_close(actual, expected):

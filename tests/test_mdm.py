@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from diffusionblocks import cli, mdm
+from diffusionblocks import cli
+from diffusionblocks.tasks import mdm
 from diffusionblocks import config as C
 from diffusionblocks.errors import ConfigError
 from diffusionblocks.partition import BlockPartition

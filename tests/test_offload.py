@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from diffusionblocks import config as C
-from diffusionblocks.offload import HostOffload
+from diffusionblocks.systems.offload import HostOffload
 from diffusionblocks.train import Trainer
 
 from conftest import whole_and_resumed
@@ -143,7 +143,7 @@ def test_cuda_without_a_gpu_is_a_clear_error(tmp_path):
 
 
 def test_memory_bench_worker_measures_a_block_step_with_offload():
-    from diffusionblocks import bench_memory
+    from diffusionblocks.tools import bench_memory
 
     spec = {"name": "blocks B=2 + offload", "preset": "vit-digits-tiny", "steps_per_block": 1, "threads": 1,
             "overrides": ["model.layers=4", "blocks=2", "offload=disk"]}
@@ -190,7 +190,7 @@ def test_offload_to_an_unwritable_run_directory_is_a_clear_error(capsys):
 
 
 def test_memory_bench_checks_every_configuration_before_running_any(tmp_path, capsys):
-    from diffusionblocks import bench_memory
+    from diffusionblocks.tools import bench_memory
 
     assert bench_memory.main(["--preset", "vit-digits-tiny", "--layers", "3", "--blocks", "2", "--out",
                               str(tmp_path)]) == 2  # 3 layers cannot split evenly into B = 2 without a split
@@ -199,7 +199,7 @@ def test_memory_bench_checks_every_configuration_before_running_any(tmp_path, ca
 
 
 def test_memory_bench_draws_its_figure(tmp_path):
-    from diffusionblocks import bench_memory
+    from diffusionblocks.tools import bench_memory
 
     parts = ["param_bytes", "grad_bytes", "optimizer_bytes", "activation_bytes"]
     results = [{"name": name, "device": "cpu", "peak_bytes": 5 * 2**20, **{p: (i + 1) * 2**18 for p in parts}}
@@ -210,7 +210,7 @@ def test_memory_bench_draws_its_figure(tmp_path):
 
 def test_eval_on_a_named_device_keeps_the_run_offloaded(tmp_path):
     from diffusionblocks import cli
-    from diffusionblocks.offload import DiskOffload
+    from diffusionblocks.systems.offload import DiskOffload
 
     Trainer(tiny(offload="disk", e2e_steps=2), tmp_path).run()
     trainer = cli.trained(tmp_path, "cpu")

@@ -10,9 +10,9 @@ import sys
 import pytest
 import torch
 
-from diffusionblocks import checkpoint
+from diffusionblocks.systems import checkpoint
 from diffusionblocks import config as C
-from diffusionblocks.parallel import BlockParallel
+from diffusionblocks.systems.parallel import BlockParallel
 from diffusionblocks.train import Trainer
 from test_cli import PACKAGE_PATHS, run_cli
 
@@ -80,7 +80,7 @@ def test_global_shared_modules_need_a_sync_interval():
 def stub_process_group(monkeypatch, world: int, started: list) -> None:
     """torch.distributed as seen from rank 0 of `world` processes, with no processes: the
     rules BlockParallel applies on every rank, checked without starting any."""
-    from diffusionblocks import parallel
+    from diffusionblocks.systems import parallel
 
     monkeypatch.setattr(parallel.dist, "is_initialized", lambda: False)
     monkeypatch.setattr(parallel.dist, "init_process_group", started.append)

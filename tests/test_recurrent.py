@@ -10,7 +10,7 @@ import torch
 from diffusionblocks import cli
 from diffusionblocks import config as C
 from diffusionblocks.errors import ConfigError
-from diffusionblocks.memory import SavedActivations
+from diffusionblocks.systems.memory import SavedActivations
 from diffusionblocks.train import Trainer
 
 from conftest import tiny_config, assert_same_model_state, whole_and_resumed

@@ -12,9 +12,10 @@ import time
 import pytest
 import torch
 
-from diffusionblocks import checkpoint, cli
+from diffusionblocks import cli
+from diffusionblocks.systems import checkpoint
 from diffusionblocks import config as C
-from diffusionblocks.logs import MetricsLog
+from diffusionblocks.systems.logs import MetricsLog
 from diffusionblocks.train import Trainer, TrainingError
 from test_cli import PACKAGE_PATHS, run_cli
 

@@ -1,4 +1,4 @@
-"""Noise schedule and block partition against SPEC.md §2-§5 reference values."""
+"""Noise schedule and block partition against docs/method.md §2-§5 reference values."""
 
 import math
 
@@ -9,7 +9,7 @@ import diffusionblocks_ext as dx
 from diffusionblocks import schedule
 from diffusionblocks.partition import BlockPartition, PartitionError
 
-# SPEC §3, ascending, 5 significant digits.
+# docs/method.md §3, ascending, 5 significant digits.
 EQUI = {
     2: [0.002, 0.3012, 80],
     3: [0.002, 0.17963, 0.50504, 80],

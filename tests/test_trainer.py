@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
-from diffusionblocks import checkpoint
+from diffusionblocks.systems import checkpoint
 from diffusionblocks import config as C
-from diffusionblocks import data
-from diffusionblocks.logs import MetricsLog
+from diffusionblocks.tasks import digits
+from diffusionblocks.systems.logs import MetricsLog
 from diffusionblocks.train import Trainer
 
 from conftest import tiny_config, assert_same_model_state, whole_and_resumed
@@ -88,7 +88,7 @@ def fixed_loss(trainer: Trainer) -> float:
     with torch.no_grad():
         for block in range(trainer.plan.num_blocks):
             generator = torch.Generator().manual_seed(1234 + block)
-            batch = data.train_batch(trainer.task.data, 0, 256, 99, 0, generator)
+            batch = digits.train_batch(trainer.task.data, 0, 256, 99, 0, generator)
             total += trainer.forward_loss(block, batch, generator)[0].item()
     return total
 

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import checkpoint
+from .systems import checkpoint
 from .config import PRESETS, ConfigError, TrainConfig, from_dict, override, preset, validate
 
 DEFAULT_PRESET = "vit-digits"
@@ -177,7 +177,7 @@ def sample(args) -> int:
 
 
 def bench(args) -> int:
-    from . import bench_memory
+    from .tools import bench_memory
 
     return bench_memory.main(args.options)
 

@@ -12,7 +12,7 @@ import torch
 from .errors import ConfigError
 from .partition import BlockPartition, PartitionError
 from .tasks import TASKS
-from .vit import ViTConfig
+from .tasks.vit import ViTConfig
 
 MODES = ("blocks", "e2e")
 BLOCK_SCHEDULES = ("random", "round-robin", "sequential")

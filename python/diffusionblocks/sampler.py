@@ -1,4 +1,4 @@
-"""Inference (SPEC §5): chain the blocks from pure noise down to σ_min. Each network
+"""Inference (docs/method.md §5): chain the blocks from pure noise down to σ_min. Each network
 evaluation at level σ runs only the block whose interval holds σ; with N = B levels every
 block runs exactly once, i.e. one forward pass of the full depth.
 
@@ -92,7 +92,7 @@ def denoise_chain(task: Denoiser, partition: BlockPartition, inputs: torch.Tenso
                   target_shape: tuple[int, ...], num_steps: int, generator: torch.Generator,
                   levels: str = "cdf") -> torch.Tensor:
     """The task's output at the last (cleanest) level, after num_steps Euler steps over the
-    `levels` schedule ("cdf": SPEC §5; "karras": the ρ=7 baseline)."""
+    `levels` schedule ("cdf": docs/method.md §5; "karras": the ρ=7 baseline)."""
     sigmas = schedule.INFERENCE_SCHEDULES[levels](num_steps).tolist()
 
     def estimate(z, z_in, sigma, layers):

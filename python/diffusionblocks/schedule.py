@@ -1,4 +1,4 @@
-"""Noise levels (SPEC §2-§5): how the σ axis is cut into block intervals, how a block
+"""Noise levels (docs/method.md §2-§5): how the σ axis is cut into block intervals, how a block
 draws its training σ's, and which σ's the sampler visits. Boundaries are computed in
 float64 because Φ⁻¹ is evaluated within 2e-6 of 1 at σ_max. Constants and the
 log-normal sampler come from the op layer, so each formula lives in one place."""

@@ -1,4 +1,4 @@
-"""The interface through which a task plugs into the trainer (DESIGN.md): its data, the
+"""The interface through which a task plugs into the trainer (docs/trainer.md): its data, the
 loss of one block on one batch, the end-to-end baseline's loss, and its evaluation.
 The trainer owns everything else: which block trains, the optimizer and its schedule,
 gradient clipping, memory and compute counters, checkpoints, logs and the report.

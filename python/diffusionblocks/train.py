@@ -26,14 +26,14 @@ from tqdm import tqdm
 
 import diffusionblocks_ext as dx
 
-from . import checkpoint
+from .systems import checkpoint
 from .config import TrainConfig, to_dict, validate
 from .errors import ConfigError
-from .logs import MetricsLog, plot_loss_by_block
-from .memory import SavedActivations, optimizer_state_bytes, tensor_bytes
-from .offload import DiskOffload, HostOffload
-from .parallel import BlockParallel
-from .shared import SharedCopies
+from .systems.logs import MetricsLog, plot_loss_by_block
+from .systems.memory import SavedActivations, optimizer_state_bytes, tensor_bytes
+from .systems.offload import DiskOffload, HostOffload
+from .systems.parallel import BlockParallel
+from .systems.shared import SharedCopies
 from .task import shared_parameters, to_device
 from .tasks import TASKS
 

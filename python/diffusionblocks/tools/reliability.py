@@ -1,6 +1,6 @@
 """Figures for the README: does a run survive interruptions and damaged checkpoints?
 
-    python -m diffusionblocks.reliability --interrupts 6 --corruptions 30 --out results/reliability.json
+    python -m diffusionblocks.tools.reliability --interrupts 6 --corruptions 30 --out results/reliability.json
 
 Interrupt trials: the tiny ViT preset trains in a subprocess that gets a real SIGINT or
 SIGTERM at a random moment after its first checkpoint; `--resume` then finishes it, and
@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint
-from . import config as C
-from .logs import MetricsLog
-from .train import Trainer
+from ..systems import checkpoint
+from .. import config as C
+from ..systems.logs import MetricsLog
+from ..train import Trainer
 
 FIELDS = ["e2e_steps=100", "checkpoint_every=10", "progress=false"]
 

@@ -1,4 +1,4 @@
-"""Class-conditional image generation with a DiT (SPEC §6), on scikit-learn's 8×8 digits.
+"""Class-conditional image generation with a DiT (docs/method.md §6), on scikit-learn's 8×8 digits.
 
 The target y is the image itself, standardised to the σ_data the EDM preconditioning
 assumes: y = σ_d·(x − μ)/s, with μ = 0.305 and s = 0.376 the mean and standard deviation
@@ -30,11 +30,11 @@ from torch import nn
 
 import diffusionblocks_ext as dx
 
-from . import data, evaluator, sampler, schedule
-from .errors import ConfigError, layer_stack_problems, raise_first
-from .layers import AdaptiveNorm, SigmaEmbedder, TransformerLayer
-from .task import device_of
-from .vit import patchify
+from .. import sampler, schedule
+from . import digits, evaluator
+from ..errors import ConfigError, layer_stack_problems, raise_first
+from .layers import AdaptiveNorm, LevelEmbedder, TransformerLayer, patchify, unpatchify
+from ..task import device_of
 
 EVAL_SEED = 0         # starting noise of the end-of-run samples and of the test loss's draws
 TEST_LOSS_REPEATS = 4  # σ draws per test image for test_denoising_loss
@@ -51,7 +51,7 @@ class DiTConfig:
     max_shift: int = 0               # augmentation: random shift in pixels (0: the test split is centred too)
     sample_steps: int = 50           # N noise levels of the sampler
     sampler: str = "euler"           # "euler" or "heun"
-    sample_schedule: str = "cdf"     # levels: "cdf" (equal steps in the training CDF, SPEC §5) or "karras" (ρ=7)
+    sample_schedule: str = "cdf"     # levels: "cdf" (equal steps in the training CDF, docs/method.md §5) or "karras" (ρ=7)
     cfg_scale: float = 1.0           # classifier-free guidance s: D_u + s·(D_c − D_u); 1 = none
     eval_samples: int = 1000         # images generated at the end of a run (equal per class)
     grid_columns: int = 10           # samples per class (row) in the PNG grids
@@ -60,8 +60,8 @@ class DiTConfig:
         """Raises ConfigError naming the first bad field (config: the whole TrainConfig)."""
         classes = 10
         problems = layer_stack_problems(self) + [
-            (self.patch_size >= 1 and data.IMAGE_SIZE % self.patch_size == 0,
-             f"model.patch_size: expected a divisor of the image size {data.IMAGE_SIZE}, got {self.patch_size}"),
+            (self.patch_size >= 1 and digits.IMAGE_SIZE % self.patch_size == 0,
+             f"model.patch_size: expected a divisor of the image size {digits.IMAGE_SIZE}, got {self.patch_size}"),
             (0 <= self.label_dropout < 1, f"model.label_dropout: expected in [0, 1), got {self.label_dropout:g}"),
             (self.max_shift >= 0, f"model.max_shift: expected >= 0, got {self.max_shift}"),
             (self.sample_steps >= 1, f"model.sample_steps: expected at least 1, got {self.sample_steps}"),
@@ -75,17 +75,10 @@ class DiTConfig:
              f"model.eval_samples: expected a multiple of {classes} classes, at least {2 * classes}, "
              f"got {self.eval_samples}"),
             (self.grid_columns >= 1, f"model.grid_columns: expected at least 1, got {self.grid_columns}"),
-            (1 <= config.batch_size <= data.TRAIN_SIZE,
-             f"batch_size: expected 1..{data.TRAIN_SIZE} (the training set), got {config.batch_size}"),
+            (1 <= config.batch_size <= digits.TRAIN_SIZE,
+             f"batch_size: expected 1..{digits.TRAIN_SIZE} (the training set), got {config.batch_size}"),
         ]
         raise_first(problems)
-
-
-def unpatchify(tokens: torch.Tensor, patch: int, channels: int, size: int) -> torch.Tensor:
-    """The inverse of vit.patchify: [N, (H/p)·(W/p), C·p·p] -> [N, C, H, W]."""
-    n, side = len(tokens), size // patch
-    x = tokens.reshape(n, side, side, channels, patch, patch)
-    return x.permute(0, 3, 1, 4, 2, 5).reshape(n, channels, size, size)
 
 
 class DiT(nn.Module):
@@ -99,7 +92,7 @@ class DiT(nn.Module):
         self.pos_embed = nn.Parameter(0.02 * torch.randn(1, (image_size // config.patch_size) ** 2, width))
         self.class_embed = nn.Embedding(num_classes + 1, width)  # row num_classes: the null class
         nn.init.normal_(self.class_embed.weight, std=0.02)
-        self.sigma_embed = SigmaEmbedder(width)
+        self.sigma_embed = LevelEmbedder(width, dx.c_noise)
         self.final_norm = AdaptiveNorm(width)
         self.final_linear = nn.Linear(width, patch_dim)
         nn.init.zeros_(self.final_linear.weight)  # F = 0 at the start: D = c_skip·z (DiT's zero init)
@@ -136,7 +129,7 @@ class DiTGeneration:
 
     def __init__(self, options: DiTConfig):
         self.options = options
-        self.data = data.load()
+        self.data = digits.load()
         self.num_classes = self.data.num_classes
         pixels = self.data.train_images
         self.pixel_mean, self.pixel_std = pixels.mean().item(), pixels.std().item()
@@ -152,7 +145,7 @@ class DiTGeneration:
 
     # --- training (task.py) ---------------------------------------------------------
     def train_batch(self, step, batch_size, seed, generator):
-        return data.train_batch(self.data, step, batch_size, seed, self.options.max_shift, generator)
+        return digits.train_batch(self.data, step, batch_size, seed, self.options.max_shift, generator)
 
     def block_loss(self, batch, block, plan, generator):
         images, labels = batch

@@ -1,4 +1,4 @@
-"""Op benchmark (not a test): `python -m diffusionblocks_ext.bench [--device cuda] [--markdown]`.
+"""Op benchmark (not a test): `python -m diffusionblocks.tools.bench_ops [--device cuda] [--markdown]`.
 
 For each public op and size (fp32 elements, default 2^16 … 2^24) it times, in one process
 and on the same inputs:
@@ -593,7 +593,7 @@ def write_json(out, args, device, sizes, ops, info, copy_numel, ceiling, copy_s,
                started, complete):
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     result = {
-        "benchmark": "diffusionblocks_ext.bench",
+        "benchmark": "diffusionblocks.tools.bench_ops",
         "complete": complete,
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": info,
@@ -642,7 +642,7 @@ def parse_sizes(text):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m diffusionblocks_ext.bench", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m diffusionblocks.tools.bench_ops", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--sizes", default="16,20,22,24",

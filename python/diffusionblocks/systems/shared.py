@@ -1,4 +1,4 @@
-"""Per-block copies of the shared modules (issue 6). By default every block trains the
+"""Per-block copies of the shared modules. By default every block trains the
 same embeddings, σ-embedder and head. With `shared=per-block` block b has its own copy
 of them, trained only on b's steps and used whenever b runs: the blocks then share
 nothing at all, which is what lets block-parallel training run with no communication

@@ -1,8 +1,8 @@
-"""The comparison table of issue 3: end-to-end against block-wise (B = 2, 3, 4; equi vs
+"""The ViT comparison table: end-to-end against block-wise (B = 2, 3, 4; equi vs
 uniform partition; γ = 0 vs 0.05), several seeds each, all at the same layer-evaluation
 budget. Writes OUT/results.json (every run's report) and OUT/table.md.
 
-    python -m diffusionblocks.experiments --out results/digits --seeds 0 1 2 --jobs 2
+    python -m diffusionblocks.tools.experiments --out results/digits --seeds 0 1 2 --jobs 2
 
 Runs already finished under OUT (a report.json) are reused, so an interrupted sweep
 continues where it stopped. Every figure in the table comes from those reports."""
@@ -15,7 +15,7 @@ import statistics
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from . import config as C
+from .. import config as C
 
 # (name, overrides); B=4 on 6 layers needs an explicit split: the noisier blocks get 2 layers.
 SETTINGS = [
@@ -34,7 +34,7 @@ def slug(name: str) -> str:
 
 def run_one(preset: str, name: str, overrides: dict, seed: int, out: str, threads: int,
             extra: list[str]) -> dict:
-    from .train import Trainer  # in the worker process
+    from ..train import Trainer  # in the worker process
 
     run_dir = Path(out) / slug(name) / f"seed{seed}"
     if (run_dir / "report.json").exists():
@@ -121,7 +121,7 @@ def sweep(args, settings, seeds: dict[str, list[int]], first: tuple[str, ...], t
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m diffusionblocks.experiments", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m diffusionblocks.tools.experiments", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="vit-digits")
     parser.add_argument("--out", default="results/digits")

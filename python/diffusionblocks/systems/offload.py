@@ -1,4 +1,4 @@
-"""Memory ÷ B for real (issue 6): while a block is not training, its parameters and its
+"""Memory ÷ B for real: while a block is not training, its parameters and its
 AdamW state leave the memory it trains in.
 
 On a GPU (`offload=cpu`, HostOffload) they wait in pinned host memory, one buffer per

@@ -1,5 +1,5 @@
 """Recurrent-depth character LM (Huginn, Geiping et al. 2025) as a DiffusionBlocks task
-(SPEC §6, issue 5): prelude layers -> a weight-shared core applied K times -> coda.
+(docs/method.md §6): prelude layers -> a weight-shared core applied K times -> coda.
 
 The model (same modules in both modes; all Llama layers with adaLN, causal attention):
   e = RMSNorm(prelude(embed(x)))                       once per sequence, σ-free
@@ -27,10 +27,10 @@ passes costs prelude + K·(core + coda) layer evaluations: the readout (coda) ru
 every level because the Euler step needs the estimate it gives.
 
 Metrics: `test_ce`/`test_accuracy` at K = model.recurrence (block-wise, the readout of
-the last Euler level, which is a sample: see ar.py), and in the report test_ce_K{K} for
-every K of model.eval_recurrences (default 4, 8, 16, 32), on the validation windows of
-ar.py; block-wise also test_ce_by_level (the first level's readout, one pass at σ_max,
-is the model's predictive distribution)."""
+the last Euler level, which is a sample: see charlm.py), and in the report test_ce_K{K}
+for every K of model.eval_recurrences (default 4, 8, 16, 32), on the validation windows
+of charlm.py; block-wise also test_ce_by_level (the first level's readout, one pass at
+σ_max, is the model's predictive distribution)."""
 
 import contextlib
 import math
@@ -41,11 +41,10 @@ from torch import nn
 
 import diffusionblocks_ext as dx
 
-from . import sampler, schedule
-from .ar import CharacterLM, check_text_options
-from .errors import raise_first
-from .layers import AdaptiveNorm, SigmaEmbedder
-from .llama import LlamaLayer, RMSNorm, rotary_tables
+from .. import sampler, schedule
+from ..errors import raise_first
+from .charlm import CharacterLM, check_text_options
+from .layers import AdaptiveNorm, LevelEmbedder, LlamaLayer, RMSNorm, rotary_tables
 
 RECURRENCE_LOG_STD = 0.5   # Huginn's σ of ln(rate) for the random K
 
@@ -119,7 +118,7 @@ class RecurrentModel(nn.Module):
         self.token_embed = nn.Embedding(vocab_size, width)
         self.target_embed = nn.Parameter(torch.randn(vocab_size, width))  # blocks: y = normalize(E[next])
         self.constant_cond = nn.Parameter(torch.randn(1, width))  # σ-free layers' conditioning vector
-        self.sigma_embed = SigmaEmbedder(width)                   # blocks: core and readout on σ
+        self.sigma_embed = LevelEmbedder(width, dx.c_noise)       # blocks: core and readout on σ
         self.prelude_norm = RMSNorm(width)
         self.adapter = nn.Linear(2 * width, width, bias=False)    # [state ; e] -> the core's input
         self.core_norm = RMSNorm(width)

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 
 def _on_cpu(value):

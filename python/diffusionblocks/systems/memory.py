@@ -1,4 +1,4 @@
-"""Measured memory (DESIGN.md "Memory"): activation bytes are what autograd saves for
+"""Measured memory (docs/measuring.md): activation bytes are what autograd saves for
 backward, counted with saved_tensors_hooks, so the figure is exact on any device and
 needs no allocator. Parameters, gradients and optimizer state are counted separately."""
 

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import data
-from .task import device_of
+from . import digits
+from ..task import device_of
 
 FILENAME = "evaluator.safetensors"
 FEATURES = 64
@@ -53,19 +53,19 @@ class DigitsCNN(nn.Module):
         return self.head(self.features(images))
 
 
-def train(digits: data.Digits, epochs: int = EPOCHS, seed: int = SEED) -> DigitsCNN:
+def train(dataset: digits.Digits, epochs: int = EPOCHS, seed: int = SEED) -> DigitsCNN:
     """A pure function of (data, epochs, seed): Adam with cosine decay, shift augmentation."""
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng():  # the initial weights, without touching the caller's RNG
         torch.manual_seed(seed)
-        model = DigitsCNN(digits.num_classes)
+        model = DigitsCNN(dataset.num_classes)
     optimizer = torch.optim.Adam(model.parameters(), lr=LR)
-    steps_per_epoch = len(digits.train_labels) // BATCH
+    steps_per_epoch = len(dataset.train_labels) // BATCH
     total = epochs * steps_per_epoch
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total)))
     model.train()
     for step in range(total):
-        images, labels = data.train_batch(digits, step, BATCH, seed, MAX_SHIFT, generator)
+        images, labels = digits.train_batch(dataset, step, BATCH, seed, MAX_SHIFT, generator)
         loss = F.cross_entropy(model(images), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -74,15 +74,15 @@ def train(digits: data.Digits, epochs: int = EPOCHS, seed: int = SEED) -> Digits
     return model.eval()
 
 
-def load_or_train(run_dir: Path | None, digits: data.Digits) -> tuple[DigitsCNN, bool]:
+def load_or_train(run_dir: Path | None, dataset: digits.Digits) -> tuple[DigitsCNN, bool]:
     """The run's cached evaluator, or a freshly trained one written to the cache.
     Returns (model, reused)."""
     path = Path(run_dir) / FILENAME if run_dir is not None else None
     if path is not None and path.exists():
-        model = DigitsCNN(digits.num_classes)
+        model = DigitsCNN(dataset.num_classes)
         model.load_state_dict(load_file(str(path)))
         return model.eval(), True
-    model = train(digits)
+    model = train(dataset)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
@@ -122,10 +122,10 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * cross).item()
 
 
-def reference_distances(model: DigitsCNN, digits: data.Digits) -> dict[str, float]:
+def reference_distances(model: DigitsCNN, dataset: digits.Digits) -> dict[str, float]:
     """The evaluator's own figures: test accuracy, and the Fréchet distance of the real
     training split to the test split (what a perfect generator would score, up to the
     sample sizes)."""
-    test = features(model, digits.test_images)
-    return {"evaluator_test_accuracy": accuracy(model, digits.test_images, digits.test_labels),
-            "frechet_train_vs_test": frechet_distance(features(model, digits.train_images), test)}
+    test = features(model, dataset.test_images)
+    return {"evaluator_test_accuracy": accuracy(model, dataset.test_images, dataset.test_labels),
+            "frechet_train_vs_test": frechet_distance(features(model, dataset.train_images), test)}

@@ -1,11 +1,11 @@
-"""The DiT comparison of issue 4: end-to-end against block-wise DiT (B = 3) on digits at
+"""The DiT comparison: end-to-end against block-wise DiT (B = 3) on digits at
 the same layer-evaluation budget, the partition ablation (equi-probability vs uniform in
 ln σ at γ = 0) and the overlap ablation (γ = 0, 0.05, 0.1), then, on the headline pair
 (e2e, B=3 γ=0.05), the sampling cost (layer evaluations counted, wall clock timed
 interleaved in one process) and a sampler/guidance grid. Writes OUT/results.json and
 OUT/table.md.
 
-    python -m diffusionblocks.experiments_dit --out results/dit-digits --seeds 0
+    python -m diffusionblocks.tools.experiments_dit --out results/dit-digits --seeds 0
 
 Every run scores its samples with one evaluator (trained once into OUT/evaluator.safetensors
 and copied into each run directory, where the task finds and reuses it), so Fréchet
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from . import data, evaluator
-from .dit import EVAL_SEED
+from ..tasks import digits, evaluator
+from ..tasks.dit import EVAL_SEED
 from .experiments import mean_std, slug, sweep
 
 PRESET = "dit-digits"
@@ -48,7 +48,7 @@ def run_dir(out: Path, name: str, seed: int) -> Path:
 def seed_evaluator(out: Path, runs: list[Path]) -> None:
     """One evaluator for the whole sweep, placed in every run directory before it trains."""
     shared = out / evaluator.FILENAME
-    evaluator.load_or_train(out, data.load())
+    evaluator.load_or_train(out, digits.load())
     for directory in runs:
         directory.mkdir(parents=True, exist_ok=True)
         if not (directory / evaluator.FILENAME).exists():
@@ -98,9 +98,9 @@ def sampling_cost(trainers: dict, cfg: float, steps: int) -> dict:
 
 
 def headline_analysis(out: Path, seeds: list[int]) -> dict:
-    from .cli import trained
+    from ..cli import trained
 
-    judge, _ = evaluator.load_or_train(out, data.load())
+    judge, _ = evaluator.load_or_train(out, digits.load())
     per_seed = {}
     for seed in seeds:
         trainers = {name: trained(run_dir(out, name, seed)) for name in HEADLINE}
@@ -175,7 +175,7 @@ def markdown(rows: list[dict], headline: dict, header: str) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m diffusionblocks.experiments_dit", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m diffusionblocks.tools.experiments_dit", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default=PRESET)
     parser.add_argument("--out", default="results/dit-digits")
@@ -195,7 +195,7 @@ def main(argv=None):
     seeds = {name: args.seeds + ([s for s in args.headline_seeds if s not in args.seeds] if name in HEADLINE else [])
              for name, _ in settings}
     seed_evaluator(out, [run_dir(out, name, seed) for name, _ in settings for seed in seeds[name]])
-    from . import train  # noqa: F401  (imported before the workers fork: one code version for the sweep)
+    from .. import train  # noqa: F401  (imported before the workers fork: one code version for the sweep)
 
     results, machine = sweep(args, settings, seeds, HEADLINE, threads)  # the headline pair first
     executed, load_before = machine["runs_executed_now"], machine["load_average_before"]

@@ -1,11 +1,11 @@
-"""ViT classification as a denoising task (SPEC §6).
+"""ViT classification as a denoising task (docs/method.md §6).
 
 The target y is the learnable embedding of the label, L2-normalised and scaled to norm
 label_norm (0.25). Its noisy version, scaled by c_in, is one more token beside the
 learned [CLS] token and the patch tokens of the clean image. Readout: [CLS] -> final
 norm -> h; D = c_skip·z + c_out·h; logits = head(adaLN(D)).
 
-Both choices depart from SPEC §6 (y of norm 1; c_in·z in place of [CLS]) for one reason:
+Both choices depart from docs/method.md §6 (y of norm 1; c_in·z in place of [CLS]) for one reason:
 a block learns to read the image only where z does not already name the label. With
 norm 1, z names it for σ below about 0.5, so at B = 3 the two lower blocks learn to
 copy z and the chain is only as good as the top block. With norm 0.25 that happens only
@@ -32,10 +32,11 @@ from torch import nn
 
 import diffusionblocks_ext as dx
 
-from . import data, sampler, schedule
-from .errors import layer_stack_problems, raise_first
-from .layers import AdaptiveNorm, SigmaEmbedder, TransformerLayer
-from .task import device_of
+from .. import sampler, schedule
+from . import digits
+from ..errors import layer_stack_problems, raise_first
+from .layers import AdaptiveNorm, LevelEmbedder, TransformerLayer, patchify
+from ..task import device_of
 
 EVAL_SEED = 0  # the sampler's starting noise at evaluation; fixed so evaluation is repeatable
 
@@ -56,25 +57,18 @@ class ViTConfig:
     def check(self, config) -> None:
         """Raises ConfigError naming the first bad field (config: the whole TrainConfig)."""
         problems = layer_stack_problems(self) + [
-            (self.patch_size >= 1 and data.IMAGE_SIZE % self.patch_size == 0,
-             f"model.patch_size: expected a divisor of the image size {data.IMAGE_SIZE}, got {self.patch_size}"),
+            (self.patch_size >= 1 and digits.IMAGE_SIZE % self.patch_size == 0,
+             f"model.patch_size: expected a divisor of the image size {digits.IMAGE_SIZE}, got {self.patch_size}"),
             (self.max_shift >= 0, f"model.max_shift: expected >= 0, got {self.max_shift}"),
             (self.label_norm > 0, f"model.label_norm: expected > 0, got {self.label_norm:g}"),
             (self.inference_steps >= 0, f"model.inference_steps: expected >= 0 (0 = B), got {self.inference_steps}"),
             (self.inference_schedule in schedule.INFERENCE_SCHEDULES,
              f"model.inference_schedule: expected one of {', '.join(schedule.INFERENCE_SCHEDULES)}, "
              f"got {self.inference_schedule!r}"),
-            (1 <= config.batch_size <= data.TRAIN_SIZE,
-             f"batch_size: expected 1..{data.TRAIN_SIZE} (the training set), got {config.batch_size}"),
+            (1 <= config.batch_size <= digits.TRAIN_SIZE,
+             f"batch_size: expected 1..{digits.TRAIN_SIZE} (the training set), got {config.batch_size}"),
         ]
         raise_first(problems)
-
-
-def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
-    """[N, C, H, W] -> [N, (H/p)·(W/p), C·p·p] non-overlapping patches, row-major."""
-    n, c, h, w = images.shape
-    x = images.reshape(n, c, h // patch, patch, w // patch, patch)
-    return x.permute(0, 2, 4, 1, 3, 5).reshape(n, (h // patch) * (w // patch), c * patch * patch)
 
 
 class ViT(nn.Module):
@@ -88,7 +82,7 @@ class ViT(nn.Module):
         self.label_embed = nn.Parameter(torch.randn(num_classes, width))
         self.cls_token = nn.Parameter(0.02 * torch.randn(1, 1, width))  # the read-out token
         self.e2e_cond = nn.Parameter(torch.randn(1, width))  # end-to-end only: stands in for the σ-embedding
-        self.sigma_embed = SigmaEmbedder(width)
+        self.sigma_embed = LevelEmbedder(width, dx.c_noise)
         self.final_norm = nn.LayerNorm(width, eps=1e-6)
         self.head_norm = AdaptiveNorm(width)
         self.head = nn.Linear(width, num_classes)
@@ -131,15 +125,15 @@ class ViTClassification:
 
     def __init__(self, options: ViTConfig):
         self.options = options
-        self.data = data.load()
+        self.data = digits.load()
         self.model = ViT(options, self.data.image_size, self.data.channels, self.data.num_classes)
         self.num_layers = len(self.model.layers)
-        # SPEC §6 decision: the sampler uses the normalised E; False reproduces the authors' code.
+        # docs/method.md §6 decision: the sampler uses the normalised E; False reproduces the authors' code.
         self.normalized_inference_embedding = options.normalized_inference_embedding
 
     # --- training (task.py) ---------------------------------------------------------
     def train_batch(self, step, batch_size, seed, generator):
-        return data.train_batch(self.data, step, batch_size, seed, self.options.max_shift, generator)
+        return digits.train_batch(self.data, step, batch_size, seed, self.options.max_shift, generator)
 
     def block_loss(self, batch, block, plan, generator):
         images, labels = batch
@@ -174,7 +168,7 @@ class ViTClassification:
         return {"test_accuracy": (predicted == self.data.test_labels).float().mean().item()}
 
     def finish(self, plan, mode, out_dir):
-        """SPEC §6 leaves the sampler's E open: measure the other choice on the same weights."""
+        """docs/method.md §6 leaves the sampler's E open: measure the other choice on the same weights."""
         if mode != "blocks":
             return {}
         configured = self.normalized_inference_embedding

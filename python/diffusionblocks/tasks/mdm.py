@@ -1,4 +1,4 @@
-"""Masked diffusion language model, MD4 (Shi et al. 2024), as a DiffusionBlocks task (SPEC §6).
+"""Masked diffusion language model, MD4 (Shi et al. 2024), as a DiffusionBlocks task (docs/method.md §6).
 
 Forward process: each character stays with probability α(t) and becomes [MASK] otherwise;
 the schedule is linear, α(t) = 1 − t, so t is the masking rate (t = 1: all masked). The
@@ -29,7 +29,7 @@ serves it, and S = B steps run every block exactly once.
 
 Model: the bidirectional adaLN-Zero TransformerLayer of layers.py, with rotary positions
 in its attention (model.positions=learned: absolute embeddings instead), conditioned on t
-by a t-embedder (layers.py's σ-embedder fed t). Shared by all blocks: token embedding
+by layers.py's LevelEmbedder fed TIME_SCALE·t. Shared by all blocks: token embedding
 (with [MASK]), t-embedder, output adaLN and head.
 
 End-to-end baseline (--mode e2e): the same model, all layers, t over the whole (0, 1].
@@ -52,15 +52,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import diffusionblocks_ext as dx
 
 from . import text
-from .errors import ConfigError, layer_stack_problems, raise_first
-from .layers import AdaptiveNorm, Attention, TransformerLayer, sinusoidal_embedding
-from .task import SampleRequest, device_of
+from ..errors import ConfigError, layer_stack_problems, raise_first
+from .layers import AdaptiveNorm, LevelEmbedder, TransformerLayer
+from ..task import SampleRequest, device_of
 
 IGNORE = -100              # weighted_cross_entropy's ignore_index: unmasked positions
 EVAL_SEED = 0              # the evaluation's t's and masks; fixed, so both modes see the same draws
@@ -122,7 +121,7 @@ class TimeRanges:
         return self.boundaries[block + 1], self.boundaries[block]
 
     def training_range(self, block: int) -> tuple[float, float]:
-        """The range widened by γ·width on each side (the α-axis analogue of SPEC §3's
+        """The range widened by γ·width on each side (the α-axis analogue of docs/method.md §3's
         overlap, which widens by γ of the width in ln σ), clamped to [0, 1]."""
         lo, hi = self.t_range(block)
         pad = self.gamma * (hi - lo)
@@ -170,43 +169,9 @@ class MDMConfig:
         raise_first(problems)
 
 
-class TimeEmbedder(nn.Module):
-    """t -> 256-d sinusoidal features of TIME_SCALE·t -> MLP -> conditioning vector [N, d]
-    (the SigmaEmbedder of layers.py, fed t instead of c_noise(σ))."""
-
-    def __init__(self, width: int, frequency_dim: int = 256):
-        super().__init__()
-        self.frequency_dim = frequency_dim
-        self.mlp = nn.Sequential(nn.Linear(frequency_dim, width), nn.SiLU(), nn.Linear(width, width))
-
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(sinusoidal_embedding(TIME_SCALE * t.float(), self.frequency_dim))
-
-
-class RotaryAttention(Attention):
-    """layers.Attention with rotary positions on q and k. Characters relate by relative
-    position (bigrams, words), which a learned absolute embedding takes long to learn."""
-
-    def __init__(self, width: int, heads: int, max_len: int, base: float = 10000.0):
-        super().__init__(width, heads)
-        head_dim = width // heads
-        inverse = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-        angles = torch.arange(max_len, dtype=torch.float64)[:, None] * inverse[None, :]
-        angles = torch.cat([angles, angles], dim=-1)                       # [max_len, head_dim]
-        self.register_buffer("cos", angles.cos().float(), persistent=False)
-        self.register_buffer("sin", angles.sin().float(), persistent=False)
-
-    def rotate(self, x: torch.Tensor) -> torch.Tensor:
-        """Rotates feature pairs (i, i + head_dim/2) of x [N, H, T, head_dim] by position."""
-        T = x.shape[2]
-        first, second = x.chunk(2, dim=-1)
-        return x * self.cos[:T] + torch.cat([-second, first], dim=-1) * self.sin[:T]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, t, d = x.shape
-        q, k, v = self.qkv(x).view(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(self.rotate(q), self.rotate(k), v)
-        return self.proj(out.transpose(1, 2).reshape(n, t, d))
+def scaled_time(t: torch.Tensor) -> torch.Tensor:
+    """t [N] -> TIME_SCALE·t [N] in float32: the t-embedder's input, on the scale of DiT's timesteps."""
+    return TIME_SCALE * t.float()
 
 
 class MaskedDiffusionLM(nn.Module):
@@ -222,14 +187,12 @@ class MaskedDiffusionLM(nn.Module):
         nn.init.normal_(self.token_embed.weight, std=0.02)
         self.pos_embed = nn.Parameter(0.02 * torch.randn(1, config.seq_len, config.width)) \
             if config.positions == "learned" else None
-        self.time_embed = TimeEmbedder(config.width)
+        self.time_embed = LevelEmbedder(config.width, scaled_time)
         self.head_norm = AdaptiveNorm(config.width)
         self.head = nn.Linear(config.width, vocab_size)
-        self.layers = nn.ModuleList(TransformerLayer(config.width, config.heads, config.mlp_ratio)
+        self.layers = nn.ModuleList(TransformerLayer(config.width, config.heads, config.mlp_ratio,
+                                                     rotary=config.positions == "rotary")
                                     for _ in range(config.layers))
-        if config.positions == "rotary":
-            for layer in self.layers:
-                layer.attn = RotaryAttention(config.width, config.heads, config.seq_len)
 
     def forward(self, xt: torch.Tensor, t: torch.Tensor, layers: range) -> torch.Tensor:
         """Logits [N, T, V] of the clean characters given x_t [N, T] and t [N], through `layers` only."""

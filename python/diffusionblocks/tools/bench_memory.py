@@ -38,9 +38,9 @@ def worker(spec: dict) -> dict:
     """One configuration in this (fresh) process; returns its measurements."""
     import torch
 
-    from . import config as C
-    from .memory import optimizer_state_bytes, tensor_bytes
-    from .train import Trainer
+    from .. import config as C
+    from ..systems.memory import optimizer_state_bytes, tensor_bytes
+    from ..train import Trainer
 
     device = spec.get("device", "cpu")
     on_gpu = torch.device(device).type == "cuda"
@@ -123,7 +123,7 @@ ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
 def run_subprocess(spec: dict) -> dict:
-    done = subprocess.run([sys.executable, "-m", "diffusionblocks.bench_memory", "--worker", json.dumps(spec)],
+    done = subprocess.run([sys.executable, "-m", "diffusionblocks.tools.bench_memory", "--worker", json.dumps(spec)],
                           capture_output=True, text=True, env={**os.environ, **ALLOCATOR_ENV})
     if done.returncode != 0:
         raise RuntimeError(f"{spec['name']}: worker failed:\n{done.stderr[-2000:]}")
@@ -196,7 +196,7 @@ def main(argv=None) -> int:
     if on_gpu and not torch.cuda.is_available():
         print(f"bench memory: --device {args.device}, but torch sees no GPU", file=sys.stderr)
         return 2
-    from . import config as C
+    from .. import config as C
 
     runs = configurations(args.layers, args.width, args.heads, args.batch, [int(b) for b in args.blocks.split(",")],
                           args.combine, "cpu" if on_gpu else "disk")

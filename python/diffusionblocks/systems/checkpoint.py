@@ -12,7 +12,7 @@ complete checkpoint. Loading verifies the hashes and falls back to the newest ch
 that is intact, saying so.
 
 The state holds the optimizer states, the step, the trainer's counters and torch's global
-RNG state. Training draws its randomness from per-step generators (train.py), so
+RNG state. Training draws its randomness from per-step generators (steps.py), so
 (weights, optimizers, step) already fix the rest of the run; the global RNG is restored
 too so that any other code drawing from it also continues identically."""
 
@@ -25,10 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 DIRNAME = "checkpoint"
 KEEP = 2  # the newest checkpoint and the one before it
@@ -137,11 +136,6 @@ def _candidates(root: Path) -> list[Path]:
     return ([named] if named in folders else []) + [f for f in folders if f != named]
 
 
-def parameter_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
-    with safe_open(str(folder / FILES[0]), framework="pt") as file:
-        return {name: tuple(file.get_slice(name).get_shape()) for name in file.keys()}
-
-
 def load(out_dir, warn=lambda message: print(message, file=sys.stderr)) -> Checkpoint:
     """The newest intact checkpoint of a run; damaged ones are reported through `warn` and skipped."""
     root = Path(out_dir) / DIRNAME
@@ -160,3 +154,28 @@ def load(out_dir, warn=lambda message: print(message, file=sys.stderr)) -> Check
         return Checkpoint(folder, manifest["step"], manifest["config"], weights, state)
     detail = "; ".join(problems) if problems else "none found"
     raise CheckpointError(f"checkpoint: no intact checkpoint in {root} ({detail})")
+
+
+def _flatten(values: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def refuse_structure_change(saved: Checkpoint, config: dict, state_dict: dict[str, torch.Tensor]) -> None:
+    """A checkpoint restores only into the model and the blocks it was trained as: raises
+    ConfigError naming the changed fields when `config` (the run's, as a dict) or the
+    shapes of `state_dict` (the model's) differ from what was saved."""
+    before, now = _flatten(saved.config), _flatten(json.loads(json.dumps(config)))  # as saved: tuples are lists
+    structural = [k for k in ("task", "mode", "blocks", "split", "shared") if before.get(k) != now.get(k)]
+    shapes = {name: tuple(t.shape) for name, t in saved.weights.items()}
+    if shapes != {name: tuple(t.shape) for name, t in state_dict.items()}:
+        structural += [k for k in now if k.startswith("model.") and before.get(k) != now.get(k)] or ["model"]
+    if structural:
+        changes = ", ".join(f"{k} ({before.get(k)!r} -> {now.get(k)!r})" for k in structural)
+        raise ConfigError(f"resume: the checkpoint in {saved.folder} was trained with another model "
+                          f"or partition; changed: {changes}")
