@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from diffusionblocks import cli
-from diffusionblocks import config as C
+from diffusionblocks import config as C, steps
 from diffusionblocks.tasks.ar import two_stream_mask
 from diffusionblocks.errors import ConfigError
 from diffusionblocks.train import Trainer
@@ -113,7 +113,7 @@ def test_a_block_step_runs_and_changes_only_that_block_and_the_shared_modules(tm
         layer.register_forward_hook(lambda module, args, out, index=index: calls.append(index))
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     for step in range(2):  # after the first step the zero-initialised gates are open
-        record = trainer.block_step(block, step, trainer.step_generator(step))
+        record = trainer.block_step(block, step, steps.step_generator(trainer.config.seed, step))
         assert record["loss"] > 0
     own = tuple(f"layers.{i}." for i in trainer.plan.layers(block))
     assert calls == list(trainer.plan.layers(block)) * 2

@@ -164,7 +164,7 @@ def test_cuda_device_choice_follows_the_index_or_the_local_rank(monkeypatch):
     from types import SimpleNamespace
 
     from diffusionblocks.errors import ConfigError
-    from diffusionblocks.train import training_device
+    from diffusionblocks.systems.devices import training_device
 
     chosen = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

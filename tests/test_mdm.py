@@ -11,9 +11,9 @@ from torch import nn
 
 from diffusionblocks import cli
 from diffusionblocks.tasks import mdm
-from diffusionblocks import config as C
+from diffusionblocks import config as C, steps
 from diffusionblocks.errors import ConfigError
-from diffusionblocks.partition import BlockPartition
+from diffusionblocks.partition import BlockPartition, MaskingAxis
 from diffusionblocks.task import SampleRequest
 from diffusionblocks.train import Trainer
 
@@ -104,7 +104,7 @@ def test_an_oracle_model_gets_the_exact_elbo(toy_file):
     # The whole evaluation: stratified t, block routing, nats -> bits per character.
     entropy_bits = (-TOY_P.log()[task.validation].mean() / math.log(2)).item()
     for blocks in (1, 3):
-        bpc = task.evaluate(BlockPartition(3, blocks, gamma=0.05), "blocks")["test_bpc"]
+        bpc = task.evaluate(BlockPartition(3, blocks, gamma=0.05, axis="t"), "blocks")["test_bpc"]
         assert bpc == pytest.approx(entropy_bits, rel=0.02)
 
 
@@ -115,13 +115,13 @@ def test_block_losses_over_ranges_that_tile_0_1_average_to_the_full_loss():
     for p in task.model.parameters():  # open the zero-initialised gates so t matters
         p.data.normal_(0, 0.3)
     x0 = task.validation[:1].repeat(2000, 1)
-    ranges = mdm.TimeRanges(3)
+    ranges = MaskingAxis(3)
     layers = range(task.num_layers)
     with torch.no_grad():
         full = task.loss_on_range(x0.repeat(3, 1), (0.0, 1.0), layers, torch.Generator().manual_seed(1))[0]
-        parts = [task.loss_on_range(x0, ranges.t_range(b), layers, torch.Generator().manual_seed(2 + b))[0]
+        parts = [task.loss_on_range(x0, ranges.level_range(b), layers, torch.Generator().manual_seed(2 + b))[0]
                  for b in range(3)]
-    assert abs(sum(ranges.t_range(b)[1] - ranges.t_range(b)[0] for b in range(3)) - 1) < 1e-12
+    assert abs(sum(ranges.level_range(b)[1] - ranges.level_range(b)[0] for b in range(3)) - 1) < 1e-12
     means = torch.stack([p.mean() for p in parts])
     assert means.max() - means.min() > 0.1  # the ranges really differ for this model
     assert means.mean().item() == pytest.approx(full.mean().item(), rel=0.03)
@@ -129,18 +129,18 @@ def test_block_losses_over_ranges_that_tile_0_1_average_to_the_full_loss():
 
 # --- the blocks' t ranges ------------------------------------------------------------------
 def test_t_to_block_lookup_is_half_open_in_alpha():
-    ranges = mdm.TimeRanges(3)
-    assert [ranges.t_range(b) for b in range(3)] == [(1 - 1 / 3, 1.0), (1 - 2 / 3, 1 - 1 / 3), (0.0, 1 - 2 / 3)]
+    ranges = MaskingAxis(3)
+    assert [ranges.level_range(b) for b in range(3)] == [(1 - 1 / 3, 1.0), (1 - 2 / 3, 1 - 1 / 3), (0.0, 1 - 2 / 3)]
     t = torch.tensor([1.0, 0.9, 2 / 3, 1 - 2 / 6, 0.5, 1 / 3, 1 - 4 / 6, 0.2, 1e-9, 0.0], dtype=torch.float64)
     assert ranges.block_of(t).tolist() == [0, 0, 1, 1, 1, 2, 2, 2, 2, 2]
     eps = 1e-12
     assert ranges.block_of(torch.tensor([2 / 3 + eps, 1 / 3 + eps], dtype=torch.float64)).tolist() == [0, 1]
-    assert mdm.TimeRanges(2).block_of(torch.tensor([0.5, 0.5 + eps], dtype=torch.float64)).tolist() == [1, 0]
-    assert mdm.TimeRanges(1).block_of(torch.tensor([0.0, 0.5, 1.0])).tolist() == [0, 0, 0]
+    assert MaskingAxis(2).block_of(torch.tensor([0.5, 0.5 + eps], dtype=torch.float64)).tolist() == [1, 0]
+    assert MaskingAxis(1).block_of(torch.tensor([0.0, 0.5, 1.0])).tolist() == [0, 0, 0]
 
 
 def test_training_ranges_widen_by_gamma_of_the_width_and_block_draws_stay_inside():
-    ranges = mdm.TimeRanges(3, gamma=0.05)
+    ranges = MaskingAxis(3, gamma=0.05)
     pad = 0.05 / 3
     expected = [(2 / 3 - pad, 1.0), (1 / 3 - pad, 2 / 3 + pad), (0.0, 1 / 3 + pad)]
     for b, (lo, hi) in enumerate(expected):
@@ -160,13 +160,13 @@ def test_a_block_step_runs_and_changes_only_that_block_and_the_shared_modules(tm
     for index, layer in enumerate(trainer.model.layers):
         layer.register_forward_hook(lambda module, args, out, index=index: calls.append(index))
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-    records = [trainer.block_step(block, step, trainer.step_generator(step)) for step in range(2)]
+    records = [trainer.block_step(block, step, steps.step_generator(trainer.config.seed, step)) for step in range(2)]
     assert calls == [block, block]
     own = tuple(f"layers.{i}." for i in trainer.plan.layers(block))
     changed = {n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])}
     assert changed <= {n for n in before if n.startswith(own + SHARED)}
     assert any(n.startswith(own) for n in changed) and any(n.startswith(SHARED) for n in changed)
-    lo, hi = mdm.TimeRanges(3, 0.05).training_range(block)
+    lo, hi = MaskingAxis(3, 0.05).training_range(block)
     for record in records:
         assert lo <= record["t_min"] <= record["t_max"] <= hi and math.isfinite(record["loss"])
 
@@ -190,7 +190,7 @@ def sampler_task():
 
 
 def test_sampling_is_deterministic_for_a_seed_and_unmasks_everything(sampler_task):
-    plan = BlockPartition(3, 3)
+    plan = BlockPartition(3, 3, axis="t")
     request = dict(count=3, tokens=10, steps=5)
     a = sampler_task.sample(plan, "blocks", SampleRequest(seed=4, **request))
     b = sampler_task.sample(plan, "blocks", SampleRequest(seed=4, **request))
@@ -203,7 +203,7 @@ def test_sampling_is_deterministic_for_a_seed_and_unmasks_everything(sampler_tas
 
 
 def test_each_sampling_step_is_served_by_the_block_holding_t_and_the_masking_rate_follows_t(sampler_task):
-    plan = BlockPartition(3, 3)
+    plan = BlockPartition(3, 3, axis="t")
     seen = []
     forward = type(sampler_task.model).forward
 
@@ -227,7 +227,7 @@ def test_each_sampling_step_is_served_by_the_block_holding_t_and_the_masking_rat
 
 
 def test_sampling_keeps_a_prompt_and_refuses_too_many_tokens(sampler_task):
-    plan = BlockPartition(3, 1)
+    plan = BlockPartition(3, 1, axis="t")
     prompt = sampler_task.corpus.decode(sampler_task.validation[0, :4])
     out = sampler_task.sample(plan, "e2e", SampleRequest(prompt=prompt, tokens=6, count=2, steps=4))
     assert all(s.startswith(prompt) and len(s) == 10 for s in out["samples"])

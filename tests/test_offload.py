@@ -5,7 +5,7 @@ steps; activation checkpointing keeps results and cuts saved activations."""
 import pytest
 import torch
 
-from diffusionblocks import config as C
+from diffusionblocks import config as C, steps
 from diffusionblocks.systems.offload import HostOffload
 from diffusionblocks.train import Trainer
 
@@ -45,12 +45,12 @@ def test_disk_offload_trains_bit_identically_and_resumes(tmp_path, schedule):
 
 def test_steps_per_swap_keeps_a_block_for_k_steps(tmp_path):
     trainer = Trainer(tiny(steps_per_swap=4, e2e_steps=20), tmp_path)
-    blocks = [trainer.choose_block(s, trainer.step_generator(s)) for s in range(40)]
+    blocks = [steps.choose_block(trainer.config, s, steps.step_generator(trainer.config.seed, s)) for s in range(40)]
     segments = [blocks[i:i + 4] for i in range(0, 40, 4)]
     assert all(len(set(segment)) == 1 for segment in segments)
     assert len({segment[0] for segment in segments}) == 2  # both blocks get segments
     ones = Trainer(tiny(e2e_steps=20), tmp_path / "k1")
-    assert [ones.choose_block(s, ones.step_generator(s)) for s in range(0, 40, 4)] == \
+    assert [steps.choose_block(ones.config, s, steps.step_generator(ones.config.seed, s)) for s in range(0, 40, 4)] == \
         [segment[0] for segment in segments]
 
 
@@ -167,7 +167,7 @@ def test_per_block_shared_copies_train_and_run_only_with_their_block(tmp_path):
     # Whenever a block's layers run (here: inference), its own copy is in the model.
     seen = []
     for block in range(trainer.plan.num_blocks):
-        for i in trainer.plan.layer_range(block):
+        for i in trainer.plan.layers(block):
             trainer.model.layers[i].register_forward_pre_hook(
                 lambda m, a, block=block: seen.append((block, trainer.model.head.weight.data_ptr())))
     trainer.evaluate()

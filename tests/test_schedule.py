@@ -96,15 +96,15 @@ def test_interval_lookup_is_half_open_with_the_top_closed():
 def test_partition_block_zero_holds_the_first_layers_and_the_noisiest_range():
     plan = BlockPartition(6, 3, "equi", gamma=0.0)
     assert [list(plan.layers(k)) for k in range(3)] == [[0, 1], [2, 3], [4, 5]]
-    assert plan.sigma_range(0) == pytest.approx((0.50504, 80.0), rel=5e-5)
-    assert plan.sigma_range(2) == pytest.approx((0.002, 0.17963), rel=5e-5)
+    assert plan.level_range(0) == pytest.approx((0.50504, 80.0), rel=5e-5)
+    assert plan.level_range(2) == pytest.approx((0.002, 0.17963), rel=5e-5)
     assert plan.block_of(torch.tensor([80.0, 0.3, 0.002])).tolist() == [0, 1, 2]
 
 
 def test_partition_explicit_split_and_widened_training_range():
     plan = BlockPartition(6, 4, "uniform", gamma=0.05, split=(2, 2, 1, 1))
     assert [len(plan.layers(k)) for k in range(4)] == [2, 2, 1, 1]
-    lo, hi = plan.sigma_range(1)
+    lo, hi = plan.level_range(1)
     wide = plan.training_range(1)
     assert wide[0] < lo and wide[1] > hi
     assert math.log(hi / lo) * 1.1 == pytest.approx(math.log(wide[1] / wide[0]))

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from diffusionblocks.systems import checkpoint
-from diffusionblocks import config as C
+from diffusionblocks import config as C, steps
 from diffusionblocks.tasks import digits
 from diffusionblocks.systems.logs import MetricsLog
 from diffusionblocks.train import Trainer
@@ -43,7 +43,7 @@ def test_a_block_step_runs_and_changes_only_that_block_and_the_shared_modules(tm
     calls = record_layer_calls(trainer)
     before = snapshot(trainer.model)
     for step in range(2):  # two steps: after the first the zero-initialised gates are open
-        trainer.block_step(block, step, trainer.step_generator(step))
+        trainer.block_step(block, step, steps.step_generator(trainer.config.seed, step))
     own = tuple(f"layers.{i}." for i in trainer.plan.layers(block))
     assert calls == [block, block]
     changed = {n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])}
@@ -151,20 +151,20 @@ def test_stop_after_then_resume_matches_too(tmp_path):
 ])
 def test_block_schedules(tmp_path, schedule, expected):
     trainer = Trainer(tiny(layers=3, blocks=3, e2e_steps=3, block_schedule=schedule), tmp_path)
-    assert [trainer.choose_block(s, trainer.step_generator(s)) for s in range(9)] == expected
+    assert [steps.choose_block(trainer.config, s, steps.step_generator(trainer.config.seed, s)) for s in range(9)] == expected
 
 
 def test_random_schedule_visits_every_block_uniformly(tmp_path):
     trainer = Trainer(tiny(layers=3, blocks=3, e2e_steps=1000), tmp_path)
-    counts = torch.bincount(torch.tensor([trainer.choose_block(s, trainer.step_generator(s))
+    counts = torch.bincount(torch.tensor([steps.choose_block(trainer.config, s, steps.step_generator(trainer.config.seed, s))
                                           for s in range(3000)]), minlength=3)
     assert counts.min() > 900
 
 
 def test_warmup_then_cosine(tmp_path):
     trainer = Trainer(tiny(e2e_steps=50, warmup_e2e_steps=5, lr=1e-3), tmp_path)  # B=2: 100 steps, 10 warm-up
-    assert trainer.lr_at(0) == pytest.approx(1e-4) and trainer.lr_at(9) == pytest.approx(1e-3)
-    assert trainer.lr_at(55) == pytest.approx(5e-4) and trainer.lr_at(99) < 1e-6
+    assert steps.learning_rate(trainer.config, 0) == pytest.approx(1e-4) and steps.learning_rate(trainer.config, 9) == pytest.approx(1e-3)
+    assert steps.learning_rate(trainer.config, 55) == pytest.approx(5e-4) and steps.learning_rate(trainer.config, 99) < 1e-6
 
 
 def test_report_counts_layer_evaluations_and_memory(tmp_path):

@@ -72,9 +72,11 @@ class TrainConfig:
         return self.num_blocks * self.warmup_e2e_steps
 
     def partition_plan(self) -> BlockPartition:
+        """The blocks of this run, on the task's axis of noise levels (σ, or masking t)."""
+        axis = TASKS[self.task].level_name
         if self.mode == "e2e":
-            return BlockPartition(self.model.layers, 1, self.partition, 0.0)
-        return BlockPartition(self.model.layers, self.blocks, self.partition, self.gamma, self.split)
+            return BlockPartition(self.model.layers, 1, self.partition, 0.0, axis=axis)
+        return BlockPartition(self.model.layers, self.blocks, self.partition, self.gamma, self.split, axis=axis)
 
 
 def _preset_factory(name: str, task: str, make):

@@ -12,6 +12,11 @@ def raise_first(problems: list[tuple[bool, str]]) -> None:
             raise ConfigError(message)
 
 
+def one_of(field: str, value, choices) -> tuple[bool, str]:
+    """(ok, message) for a field that must be one of `choices`."""
+    return value in choices, f"{field}: expected one of {', '.join(choices)}, got {value!r}"
+
+
 def layer_stack_problems(options) -> list[tuple[bool, str]]:
     """The checks of the transformer fields every task's options have (model.layers,
     model.width, model.heads, model.mlp_ratio), as (ok, message) pairs."""

@@ -27,7 +27,7 @@ def block_optimizers(model: nn.Module, plan, config, no_decay_names: set[str]) -
     """"block<b>" for each block's layers, and one or B (shared=per-block) for the shared modules."""
     optimizers = {}
     for block in range(plan.num_blocks):
-        named = [(f"layers.{i}.{n}", p) for i in plan.layer_range(block) for n, p in model.layers[i].named_parameters()]
+        named = [(f"layers.{i}.{n}", p) for i in plan.layers(block) for n, p in model.layers[i].named_parameters()]
         optimizers[f"block{block}"] = build_optimizer(named, config, no_decay_names)
     per_block = config.shared == "per-block"
     for key in dict.fromkeys(shared_optimizer_key(b, per_block) for b in range(plan.num_blocks)):

@@ -1,8 +1,17 @@
-"""BlockPartition: which layers and which noise range belong to block b (SPEC §1, §3).
+"""BlockPartition: which layers and which range of noise levels belong to block b
+(docs/method.md §1, §3).
 
 Layers are cut into B contiguous blocks. Block 0 holds the first layers and the noisiest
-σ interval: a forward pass goes from noise to data, so layer-block k covers ascending
-σ-interval B−1−k."""
+range: a forward pass goes from noise to data. The noise levels live on an axis: σ for
+the continuous tasks (SigmaAxis: equi-probability or log-uniform intervals, widened by
+the overlap γ), or the masking time t of masked diffusion (MaskingAxis: equal widths in
+α = 1 − t). Every task asks the partition the same questions: a block's training range,
+and which block owns a level.
+
+Running a block is explicit: `enter(b)` brings b's state in (offload, per-block shared
+copies: the listeners) and returns its layers; `layers(b)` only reads the range."""
+
+from typing import Callable
 
 import torch
 
@@ -41,13 +50,82 @@ def check_split(split, num_layers: int, num_blocks: int) -> tuple[int, ...]:
     return split
 
 
-class BlockPartition:
-    def __init__(self, num_layers: int, num_blocks: int, partition: str = "equi", gamma: float = 0.0,
-                 split=None):
+class SigmaAxis:
+    """σ in [σ_min, σ_max] cut into B intervals; layer-block k covers ascending interval
+    B−1−k. Intervals are half-open (schedule.interval_index says which way)."""
+
+    name = "sigma"
+
+    def __init__(self, num_blocks: int, partition: str = "equi", gamma: float = 0.0):
         if gamma < 0:
             raise PartitionError(f"gamma: expected an overlap >= 0, got {gamma:g}")
         if partition not in schedule.PARTITIONS:
             raise PartitionError(f"partition: expected one of {sorted(schedule.PARTITIONS)}, got {partition!r}")
+        self.num_blocks, self.gamma = num_blocks, gamma
+        self.boundaries = schedule.PARTITIONS[partition](num_blocks)  # ascending, float64
+
+    def level_range(self, block: int) -> tuple[float, float]:
+        """Block's own interval (ascending σ_lo < σ_hi), without overlap."""
+        k = self.num_blocks - 1 - block
+        return float(self.boundaries[k]), float(self.boundaries[k + 1])
+
+    def training_range(self, block: int) -> tuple[float, float]:
+        """The interval widened by γ: where block's training σ's are drawn."""
+        return schedule.widen(*self.level_range(block), self.gamma)
+
+    def block_of(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The block whose (half-open, non-widened) interval holds each σ."""
+        return self.num_blocks - 1 - schedule.interval_index(sigma, self.boundaries)
+
+
+class MaskingAxis:
+    """Masked diffusion's time t in [0, 1] (t = 1: all masked), cut into B ranges of equal
+    width in α = 1 − t; block 0 takes the most-masked range. Boundaries are 1 − b/B in
+    float64, the expression the sampler's grid uses, so a grid point on a boundary is
+    recognised exactly. Block b holds (1 − (b+1)/B, 1 − b/B], the last block also t = 0: a
+    t on a boundary belongs to the less masked block, so a sampler walking t down a grid
+    of B steps runs every block exactly once."""
+
+    name = "t"
+
+    def __init__(self, num_blocks: int, gamma: float = 0.0):
+        if gamma < 0:
+            raise PartitionError(f"gamma: expected an overlap >= 0, got {gamma:g}")
+        self.num_blocks, self.gamma = num_blocks, gamma
+        self.boundaries = [1 - b / num_blocks for b in range(num_blocks + 1)]  # descending: 1 ... 0
+
+    def level_range(self, block: int) -> tuple[float, float]:
+        """(lo, hi) of block's own range, without overlap."""
+        return self.boundaries[block + 1], self.boundaries[block]
+
+    def training_range(self, block: int) -> tuple[float, float]:
+        """The range widened by γ·width on each side (the α-axis analogue of the overlap in
+        ln σ), clamped to [0, 1]."""
+        lo, hi = self.level_range(block)
+        pad = self.gamma * (hi - lo)
+        return max(lo - pad, 0.0), min(hi + pad, 1.0)
+
+    def block_of(self, t: torch.Tensor) -> torch.Tensor:
+        """Block whose half-open range holds each t [N] (t >= 1 -> block 0, t <= 0 -> the last)."""
+        interior = torch.tensor(self.boundaries[1:-1], dtype=torch.float64, device=t.device)
+        return (t.to(torch.float64)[:, None] <= interior[None, :]).sum(dim=1)
+
+
+AXES = {"sigma": SigmaAxis, "t": MaskingAxis}
+
+
+class BlockPartition:
+    def __init__(self, num_layers: int, num_blocks: int, partition: str = "equi", gamma: float = 0.0,
+                 split=None, axis: str = "sigma"):
+        if axis not in AXES:
+            raise PartitionError(f"axis: expected one of {sorted(AXES)}, got {axis!r}")
+        if axis == "sigma":
+            self.axis = SigmaAxis(num_blocks, partition, gamma)
+        elif partition != "equi":
+            raise PartitionError(f"partition: the masking-time axis is cut equally in α (partition=equi), "
+                                 f"got {partition!r}")
+        else:
+            self.axis = MaskingAxis(num_blocks, gamma)
         if num_blocks > num_layers:
             raise PartitionError(f"blocks: B={num_blocks} exceeds the number of layers L={num_layers}")
         self.num_layers, self.num_blocks, self.gamma = num_layers, num_blocks, gamma
@@ -55,34 +133,29 @@ class BlockPartition:
             check_split(split, num_layers, num_blocks)
         starts = [sum(self.split[:b]) for b in range(num_blocks)]
         self._layers = [range(s, s + n) for s, n in zip(starts, self.split)]
-        self.boundaries = schedule.PARTITIONS[partition](num_blocks)  # ascending, float64
-        self.listeners = []  # called with the block about to run (offload, per-block shared copies)
+        # Called with the block about to run: offload brings its weights in, per-block
+        # shared copies point the shared modules at its copy.
+        self.listeners: list[Callable[[int], None]] = []
 
-    def enter(self, block: int) -> None:
-        """`block` is about to run: listeners bring its state in (its weights from disk,
-        its copy of the shared modules). The trainer calls this before a block's training
-        step, since a task may touch shared modules before it asks for the layers."""
+    def enter(self, block: int) -> range:
+        """`block` is about to run (training or inference): the listeners bring its state in.
+        Returns its layers."""
         for listener in self.listeners:
             listener(block)
+        return self._layers[block]
 
     def layers(self, block: int) -> range:
-        """The layers of `block`, about to run (samplers ask here first, so this enters it)."""
-        self.enter(block)
+        """The layers of `block` (reads the range; enters nothing)."""
         return self._layers[block]
 
-    def layer_range(self, block: int) -> range:
-        """The layers of `block`, for bookkeeping (tells no listener)."""
-        return self._layers[block]
-
-    def sigma_range(self, block: int) -> tuple[float, float]:
-        """Block's own interval (ascending σ_lo < σ_hi), without overlap."""
-        k = self.num_blocks - 1 - block
-        return float(self.boundaries[k]), float(self.boundaries[k + 1])
+    def level_range(self, block: int) -> tuple[float, float]:
+        """Block's own range of noise levels (ascending), without overlap."""
+        return self.axis.level_range(block)
 
     def training_range(self, block: int) -> tuple[float, float]:
-        """The interval widened by γ: where block's training σ's are drawn."""
-        return schedule.widen(*self.sigma_range(block), self.gamma)
+        """The range widened by γ: where block's training levels are drawn."""
+        return self.axis.training_range(block)
 
-    def block_of(self, sigma: torch.Tensor) -> torch.Tensor:
-        """The block whose (half-open, non-widened) interval holds each σ."""
-        return self.num_blocks - 1 - schedule.interval_index(sigma, self.boundaries)
+    def block_of(self, levels: torch.Tensor) -> torch.Tensor:
+        """The block whose (half-open, non-widened) range holds each level."""
+        return self.axis.block_of(levels)

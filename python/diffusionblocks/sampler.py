@@ -2,13 +2,14 @@
 evaluation at level σ runs only the block whose interval holds σ; with N = B levels every
 block runs exactly once, i.e. one forward pass of the full depth.
 
-One loop, `integrate`, serves every task: classification (vit.py, Euler, N = B, through
-`denoise_chain`) and generation (dit.py, Euler or Heun, N = 50, with classifier-free
-guidance inside the task's estimate, see `guided`). The updates are the fused ops:
+One loop, `integrate`, serves every task: classification and the language models
+(tasks/vit.py, ar.py, recurrent.py: Euler, N = B, through `denoise_chain`) and generation
+(tasks/dit.py, Euler or Heun, N = 50, with classifier-free guidance inside the task's
+estimate, see `guided`). Each evaluation enters the block it runs (partition.enter). The updates are the fused ops:
 `dx.euler_step` z + (σ' − σ)(z − D)/σ, and `dx.heun_step`, EDM's second-order step
 (Algorithm 1), whose second evaluation at (z_euler, σ') runs the block that owns σ'."""
 
-from typing import Callable, Protocol
+from typing import Callable
 
 import torch
 
@@ -22,19 +23,13 @@ SAMPLERS = ("euler", "heun")
 # estimate(z, z_in, σ [N], layers) -> (D, output): the denoised estimate the step uses
 # and what the task wants back from the last level (logits, or D itself).
 Estimate = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, range], tuple[torch.Tensor, torch.Tensor]]
-
-
-class Denoiser(Protocol):
-    """What `denoise_chain` needs from a task (vit.py is an example)."""
-
-    def denoise(self, inputs: torch.Tensor, z: torch.Tensor, z_in: torch.Tensor, sigma: torch.Tensor,
-                layers: range) -> tuple[torch.Tensor, torch.Tensor]:
-        """Runs only `layers` on (clean inputs x, noisy target z with z_in = c_in·z, σ [N]);
-        returns (D, output): the denoised estimate of y and the task's output (e.g. logits)."""
-
-    def sampler_estimate(self, D: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        """What the Euler step treats as the denoised y (D itself, or e.g. the expected
-        label embedding for classification)."""
+# denoise(inputs, z, z_in, σ [N], layers) -> (D, output): runs only `layers` on the clean
+# inputs x and the noisy target z (z_in = c_in·z); D is the denoised estimate of y and
+# output what the task reads out (e.g. logits).
+Denoise = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, range], tuple[torch.Tensor, torch.Tensor]]
+# to_estimate(D, output) -> what the Euler step treats as the denoised y (D itself, or e.g.
+# the expected label embedding for classification).
+ToEstimate = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _per_example(value: float, n: int, device) -> torch.Tensor:
@@ -62,7 +57,7 @@ def integrate(estimate: Estimate, partition: BlockPartition, shape: tuple[int, .
     def evaluate(z, z_in, sigma, level):
         block = int(partition.block_of(torch.tensor([level]))[0])
         blocks.append(block)
-        return estimate(z, z_in, sigma, partition.layers(block))
+        return estimate(z, z_in, sigma, partition.enter(block))
 
     sigma = _per_example(sigmas[0], n, device)
     z, z_in = dx.add_noise(torch.zeros(shape, device=device), sigma, generator=generator)  # z_0 = σ_0·ε
@@ -81,6 +76,15 @@ def integrate(estimate: Estimate, partition: BlockPartition, shape: tuple[int, .
     return output, blocks
 
 
+def expected_embedding(logits: torch.Tensor, embedding: torch.Tensor, normalized: bool) -> torch.Tensor:
+    """The estimate a discrete target hands to the next level: softmax(logits)·E over the
+    target embedding table E [V, d], with E's rows of unit norm when `normalized` (the
+    project's default; False is the raw table, as the authors' ViT code does)."""
+    if normalized:
+        embedding = torch.nn.functional.normalize(embedding, dim=-1)
+    return logits.softmax(dim=-1) @ embedding
+
+
 def guided(D_cond: torch.Tensor, D_uncond: torch.Tensor, scale: float) -> torch.Tensor:
     """Classifier-free guidance on the denoised estimate: D_u + s·(D_c − D_u). s = 0 is the
     unconditional model, s = 1 the conditional one, s > 1 pushes further towards the class."""
@@ -88,7 +92,7 @@ def guided(D_cond: torch.Tensor, D_uncond: torch.Tensor, scale: float) -> torch.
 
 
 @torch.no_grad()
-def denoise_chain(task: Denoiser, partition: BlockPartition, inputs: torch.Tensor,
+def denoise_chain(denoise: Denoise, to_estimate: ToEstimate, partition: BlockPartition, inputs: torch.Tensor,
                   target_shape: tuple[int, ...], num_steps: int, generator: torch.Generator,
                   levels: str = "cdf") -> torch.Tensor:
     """The task's output at the last (cleanest) level, after num_steps Euler steps over the
@@ -96,8 +100,8 @@ def denoise_chain(task: Denoiser, partition: BlockPartition, inputs: torch.Tenso
     sigmas = schedule.INFERENCE_SCHEDULES[levels](num_steps).tolist()
 
     def estimate(z, z_in, sigma, layers):
-        D, output = task.denoise(inputs, z, z_in, sigma, layers)
-        return task.sampler_estimate(D, output), output
+        D, output = denoise(inputs, z, z_in, sigma, layers)
+        return to_estimate(D, output), output
 
     output, _ = integrate(estimate, partition, (len(inputs),) + tuple(target_shape), sigmas, generator,
                           device=inputs.device)

@@ -6,7 +6,11 @@ gradient clipping, memory and compute counters, checkpoints, logs and the report
 A task class also names its options dataclass (`Config`: model shape and task knobs,
 the `model.*` fields of a run's config, with a `check(config)` that raises ConfigError),
 its presets (`presets`: name -> function returning TrainConfig fields), and is
-registered in tasks.py."""
+registered in tasks/__init__.py.
+
+Blocks are entered explicitly (partition.py): the trainer enters the block before it calls
+block_loss, which then reads its layers with `plan.layers(block)`; code that runs a block
+on its own (evaluation, sampling) calls `plan.enter(block)`, as the sampler does."""
 
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,8 +61,10 @@ class SampleRequest:
 
 
 class Task(Protocol):
+    """What the trainer calls; the five built-in tasks in tasks/ implement it."""
+
     model: nn.Module  # residual layers in model.layers (what the partition cuts), plus shared modules
-    level_name: str   # what block_loss's noise levels are: "sigma", or "t" for masking
+    level_name: str   # the partition's axis of noise levels: "sigma", or "t" for masking
 
     def train_batch(self, step: int, batch_size: int, seed: int, generator: torch.Generator) -> Any:
         """Batch `step` of the run: a pure function of (seed, step) and draws from `generator`,

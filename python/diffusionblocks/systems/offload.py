@@ -29,7 +29,7 @@ STATE_KEYS = ("exp_avg", "exp_avg_sq")  # AdamW's per-parameter moments (its `st
 
 
 def _block_parameters(model: torch.nn.Module, plan, block: int) -> list[torch.nn.Parameter]:
-    return [p for i in plan.layer_range(block) for p in model.layers[i].parameters()]
+    return [p for i in plan.layers(block) for p in model.layers[i].parameters()]
 
 
 class _Slot:

@@ -1,10 +1,10 @@
-"""Block-parallel training on torch.distributed (issue 6): blocks never exchange
+"""Block-parallel training on torch.distributed: blocks never exchange
 gradients, so they can train on different processes with no communication at all.
 
     torchrun --nproc-per-node P -m diffusionblocks train PRESET --parallel blocks --set shared=per-block
 
 Every rank walks the same sequence of steps (the block of each step comes from the step's
-own generator, train.py) and runs only the steps of the blocks it owns:
+own generator, steps.py) and runs only the steps of the blocks it owns:
 - P <= B: rank r owns blocks {b : b mod P = r}.
 - P > B (P a multiple of B): the ranks {r : r mod B = b} are data-parallel replicas of
   block b; each takes its share of the step's batch and their gradients are averaged
@@ -19,13 +19,18 @@ copies are averaged across all ranks every `shared_sync_every` steps.
 At each checkpoint rank 0 gathers every block's weights, optimizer state, counters and
 log records into one ordinary checkpoint, which `--resume` (on every rank), `eval` and
 `sample` use like any other. gloo on CPU; NCCL with device=cuda, each process on the GPU
-of its local rank (train.py), everything it sends to rank 0 moved to the CPU first."""
+of its local rank (devices.py), everything it sends to rank 0 moved to the CPU first.
+The bookkeeping lives here: counters that add up over ranks, the ranks' agreement on a
+signal, and the gather; the training loop calls after_step and gather, nothing else."""
 
 import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from ..errors import ConfigError
+
+SUMMED_COUNTERS = ("train_layer_evals", "nonfinite_steps")  # each rank counts its own steps; they add up
+SIGNAL_POLL = 10  # steps between the ranks' agreement on a pending SIGINT/SIGTERM
 
 
 def _on_cpu(value):
@@ -65,6 +70,7 @@ class BlockParallel:
             raise ConfigError(f"parallel: {self.world} processes cannot split evenly over B={num_blocks} "
                               "blocks; use at most B processes or a multiple of B")
         self.num_blocks, self.sync_every = num_blocks, config.shared_sync_every
+        self.synced = dict.fromkeys(SUMMED_COUNTERS, 0)  # counters every rank agreed on (start_counting)
         self.shared_global = config.shared == "global"
         self.replicas = max(1, self.world // num_blocks)
         self.replica = self.rank // num_blocks if self.world > num_blocks else 0
@@ -101,40 +107,71 @@ class BlockParallel:
         if self.shared_global and step % self.sync_every == 0:
             _average([p.data for p in shared], self.world, None)
 
-    def gather(self, trainer, records: list[dict]) -> list[dict] | None:
-        """Rank 0 receives every rank's blocks, optimizer states, counter increments and log
-        records; returns the merged records on rank 0, None elsewhere."""
-        counters = trainer.take_counter_increments()
+    def after_step(self, step: int, shared: list[torch.nn.Parameter], signum: int | None) -> int | None:
+        """After every step (`step` steps done): the shared modules' sync when due, and every
+        SIGNAL_POLL steps the ranks' agreement on a signal; returns the signal to act on."""
+        self.maybe_sync_shared(step, shared)
+        return self.agree_on_stop(signum) if step % SIGNAL_POLL == 0 else signum
+
+    def start_counting(self, counters: dict) -> None:
+        """The run's counters as they stand (0, or as resumed): what every rank has agreed on."""
+        self.synced = {key: counters[key] for key in SUMMED_COUNTERS}
+
+    def _take_increments(self, counters: dict) -> dict:
+        """This rank's counts since the last gather; they leave this rank (rank 0 adds them up)."""
+        increments = {key: counters[key] - self.synced[key] for key in SUMMED_COUNTERS}
+        counters.update(self.synced)
         if self.replica:  # the leader speaks for its group: same steps, each call on a share of the batch
-            records, counters = [], {**counters, **dict.fromkeys(("train_layer_evals", "nonfinite_steps"), 0)}
-        mine = {"records": records, "blocks": {}, "optimizers": {}, "shared_copies": {}, "counters": counters}
+            increments.update(dict.fromkeys(SUMMED_COUNTERS, 0))
+        increments.update(activation_bytes_by_block=dict(counters["activation_bytes_by_block"]),
+                          grad_bytes=counters["grad_bytes"])
+        return increments
+
+    def _merge(self, counters: dict, parts: list[dict]) -> None:
+        """On rank 0: every rank's increments since the last gather, its own included."""
+        for key in SUMMED_COUNTERS:
+            counters[key] = self.synced[key] + sum(part[key] for part in parts)
+        for part in parts:
+            counters["activation_bytes_by_block"].update(part["activation_bytes_by_block"])
+            counters["grad_bytes"] = max(counters["grad_bytes"], part["grad_bytes"])
+        self.synced = {key: counters[key] for key in SUMMED_COUNTERS}
+
+    def gather(self, records: list[dict], counters: dict, model, plan, optimizers: dict,
+               shared_copies) -> list[dict] | None:
+        """Rank 0 receives every rank's blocks (their layers in model.layers), optimizer states,
+        per-block shared copies, counter increments and log records, and merges them into its
+        own model, optimizers and counters; returns the merged records on rank 0, None elsewhere."""
+        increments = self._take_increments(counters)
+        if self.replica:
+            records = []
+        mine = {"records": records, "blocks": {}, "optimizers": {}, "shared_copies": {}, "counters": increments}
         for block in range(self.num_blocks):
             if not self.leads(block):
                 continue
-            mine["blocks"][block] = {name: p.detach() for i in trainer.plan.layer_range(block)
-                                     for name, p in trainer.model.layers[i].named_parameters(prefix=f"{i}")}
-            keys = [f"block{block}"] + ([] if trainer.shared_copies is None else [f"shared{block}"])
-            mine["optimizers"].update({key: trainer.optimizers[key].state_dict() for key in keys})
-            if trainer.shared_copies is not None:
-                mine["shared_copies"][block] = dict(trainer.shared_copies.copies[block])
+            mine["blocks"][block] = {name: p.detach() for i in plan.layers(block)
+                                     for name, p in model.layers[i].named_parameters(prefix=f"{i}")}
+            keys = [f"block{block}"] + ([] if shared_copies is None else [f"shared{block}"])
+            mine["optimizers"].update({key: optimizers[key].state_dict() for key in keys})
+            if shared_copies is not None:
+                mine["shared_copies"][block] = dict(shared_copies.copies[block])
         received = [None] * self.world if self.rank == 0 else None
         # No copies above: gather_object pickles every rank's object, rank 0's own included.
         dist.gather_object(_on_cpu(mine), received, dst=0)
         if self.rank != 0:
             return None
         merged = []
-        trainer.merge_counters([part["counters"] for part in received])
+        self._merge(counters, [part["counters"] for part in received])
+        layers = dict(model.layers.named_parameters())
         for part in received:
             merged += part["records"]
-            layers = dict(trainer.model.layers.named_parameters())
             for tensors in part["blocks"].values():
                 for name, value in tensors.items():
                     layers[name].data.copy_(value)
             for key, state in part["optimizers"].items():
-                trainer.optimizers[key].load_state_dict(state)
+                optimizers[key].load_state_dict(state)
             for block, copy in part["shared_copies"].items():
                 for name, value in copy.items():
-                    trainer.shared_copies.copies[block][name].copy_(value)
+                    shared_copies.copies[block][name].copy_(value)
         return sorted(merged, key=lambda r: r["step"])
 
     def agree_on_stop(self, signum: int | None) -> int | None:

@@ -36,7 +36,7 @@ import diffusionblocks_ext as dx
 
 from .. import sampler, schedule
 from ..errors import raise_first
-from .charlm import CharacterLM, check_text_options
+from .charlm import CharacterLM, check_text_options, recording
 from .layers import AdaptiveNorm, LevelEmbedder, LlamaLayer, RMSNorm, rotary_tables
 
 
@@ -173,15 +173,17 @@ class AutoregressiveLM(CharacterLM):
     def num_steps(self, plan, steps: int | None = None) -> int:
         return steps or self.options.inference_steps or plan.num_blocks
 
-    def chain(self, plan, clean, noisy_len, generator, steps=None, denoiser=None) -> torch.Tensor:
+    def chain(self, plan, clean, noisy_len, generator, steps=None, normalized=None, record=None) -> torch.Tensor:
         """Logits [N, noisy_len, V] of the last level of the Euler chain over the blocks."""
-        return sampler.denoise_chain(denoiser or self, plan, clean, (noisy_len, self.options.width),
-                                     self.num_steps(plan, steps), generator, self.options.inference_schedule)
+        denoise = self.denoise if record is None else recording(self.denoise, record)
+        return sampler.denoise_chain(denoise, self.chain_estimate(normalized), plan, clean,
+                                     (noisy_len, self.options.width), self.num_steps(plan, steps), generator,
+                                     self.options.inference_schedule)
 
-    def window_logits(self, windows, plan, mode, generator, steps=None, denoiser=None):
+    def window_logits(self, windows, plan, mode, generator, steps=None, normalized=None, record=None):
         if mode == "e2e":
             return self.end_to_end(windows)[:, :-1]
-        return self.chain(plan, windows, windows.shape[1], generator, steps, denoiser)[:, 1:]
+        return self.chain(plan, windows, windows.shape[1], generator, steps, normalized, record)[:, 1:]
 
     def context_length(self, mode: str) -> int:
         # Block-wise, noisy position T−1 (the last trained) sees T−1 clean characters.
@@ -201,14 +203,11 @@ class AutoregressiveLM(CharacterLM):
         if mode == "blocks":
             # The readout of every Euler level (the last one gives test_ce): what each block adds.
             metrics["test_ce_by_level"], metrics["test_accuracy_by_level"] = self.metrics_by_level(plan, mode)
-            # docs/method.md §6 leaves the sampler's E open (as vit.py): the other choice on the same weights.
+            # docs/method.md §6 leaves the chain's table E open (as vit.py): the other choice on the same weights.
             configured = self.options.normalized_inference_embedding
-            self.options.normalized_inference_embedding = not configured
-            try:
-                other = "unnormalized" if configured else "normalized"
-                metrics[f"test_ce_{other}_E"], metrics[f"test_accuracy_{other}_E"] = self.window_metrics(plan, mode)
-            finally:
-                self.options.normalized_inference_embedding = configured
+            other = "unnormalized" if configured else "normalized"
+            metrics[f"test_ce_{other}_E"], metrics[f"test_accuracy_{other}_E"] = \
+                self.window_metrics(plan, mode, normalized=not configured)
         metrics.update(self.samples_for_report(plan, mode, out_dir))
         return metrics
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .. import schedule
-from ..errors import ConfigError
+from .. import sampler, schedule
+from ..errors import ConfigError, one_of
 from ..task import SampleRequest, device_of
 from . import text
 
@@ -41,9 +41,7 @@ def check_text_options(options, config) -> list[tuple[bool, str]]:
         (not options.data or Path(options.data).is_file(), f"model.data: no such file {options.data!r}"),
         (options.eval_windows >= 1, f"model.eval_windows: expected at least 1, got {options.eval_windows}"),
         (options.sample_tokens >= 0, f"model.sample_tokens: expected >= 0, got {options.sample_tokens}"),
-        (options.inference_schedule in schedule.INFERENCE_SCHEDULES,
-         f"model.inference_schedule: expected one of {', '.join(schedule.INFERENCE_SCHEDULES)}, "
-         f"got {options.inference_schedule!r}"),
+        one_of("model.inference_schedule", options.inference_schedule, schedule.INFERENCE_SCHEDULES),
     ]
 
 
@@ -66,26 +64,22 @@ class LayerCallCounter:
         return False
 
 
-class _Recorder:
-    """A denoiser that passes through to the task and keeps every level's logits."""
-
-    def __init__(self, task):
-        self.task, self.outputs = task, []
-
-    def denoise(self, *args):
-        D, logits = self.task.denoise(*args)
-        self.outputs.append(logits)
+def recording(denoise, outputs: list):
+    """`denoise` (a chain's network evaluation), appending every level's logits to `outputs`."""
+    def denoise_and_record(*args):
+        D, logits = denoise(*args)
+        outputs.append(logits)
         return D, logits
-
-    def sampler_estimate(self, D, logits):
-        return self.task.sampler_estimate(D, logits)
+    return denoise_and_record
 
 
 class CharacterLM:
     """Corpus, validation metrics, greedy generation and `sample` for a character LM task.
-    A subclass defines `window_logits(windows, plan, mode, generator)` -> [W, T−1, V]
-    (position j predicts character j+1 of each window), `next_logits(context, plan, mode,
-    generator, steps)` -> [n, V] and `context_length(mode)`."""
+    A subclass defines `window_logits(windows, plan, mode, generator, normalized=None,
+    record=None)` -> [W, T−1, V] (position j predicts character j+1 of each window;
+    block-wise, `normalized` chooses the table E of the chain's estimate and `record`, a
+    list, receives every level's logits), `next_logits(context, plan, mode, generator,
+    steps)` -> [n, V] and `context_length(mode)`."""
 
     level_name = "sigma"
 
@@ -113,13 +107,13 @@ class CharacterLM:
         """y: the L2-normalised target embedding of each token."""
         return F.normalize(self.model.target_embed[tokens], dim=-1)
 
-    def sampler_estimate(self, D, logits):
-        """The expected target embedding softmax(logits)·E (docs/method.md §6; the normalised E unless
-        model.normalized_inference_embedding is false, as in the authors' ViT code)."""
-        embedding = self.model.target_embed
-        if self.options.normalized_inference_embedding:
-            embedding = F.normalize(embedding, dim=-1)
-        return logits.softmax(dim=-1) @ embedding
+    def chain_estimate(self, normalized: bool | None = None):
+        """The chain's estimate between levels: the expected target embedding softmax(logits)·E
+        (docs/method.md §6), over the normalised E unless `normalized` (default:
+        model.normalized_inference_embedding) says the raw one."""
+        if normalized is None:
+            normalized = self.options.normalized_inference_embedding
+        return lambda D, logits: sampler.expected_embedding(logits, self.model.target_embed, normalized)
 
     # --- evaluation -------------------------------------------------------------------------
     def evaluate(self, plan, mode):
@@ -150,14 +144,13 @@ class CharacterLM:
     def metrics_by_level(self, plan, mode, **kwargs) -> tuple[list[float], list[float]]:
         """Block-wise: (cross-entropy, accuracy) of the readout at every level of the Euler
         chain, noisiest first; the last level's are window_metrics'."""
-        recorder = _Recorder(self)
         generator = torch.Generator().manual_seed(EVAL_SEED)
         ce, correct = [], []
         for windows in self.validation_batches():
-            recorder.outputs = []
-            self.window_logits(windows, plan, mode, generator, denoiser=recorder, **kwargs)
+            outputs = []
+            self.window_logits(windows, plan, mode, generator, record=outputs, **kwargs)
             targets = windows[:, 1:]
-            levels = [out[:, out.shape[1] - targets.shape[1]:] for out in recorder.outputs]  # align to targets
+            levels = [out[:, out.shape[1] - targets.shape[1]:] for out in outputs]  # align to targets
             ce.append([F.cross_entropy(out.reshape(-1, out.shape[-1]), targets.reshape(-1), reduction="sum").item()
                        for out in levels])
             correct.append([(out.argmax(dim=-1) == targets).sum().item() for out in levels])

@@ -24,6 +24,18 @@ class Digits:
     channels: int = 1
 
 
+def problems(options, config) -> list[tuple[bool, str]]:
+    """The checks every digits task's options need (model.patch_size, model.max_shift) and
+    the batch size they allow, as (ok, message) pairs."""
+    return [
+        (options.patch_size >= 1 and IMAGE_SIZE % options.patch_size == 0,
+         f"model.patch_size: expected a divisor of the image size {IMAGE_SIZE}, got {options.patch_size}"),
+        (options.max_shift >= 0, f"model.max_shift: expected >= 0, got {options.max_shift}"),
+        (1 <= config.batch_size <= TRAIN_SIZE,
+         f"batch_size: expected 1..{TRAIN_SIZE} (the training set), got {config.batch_size}"),
+    ]
+
+
 def load() -> Digits:
     # sklearn is imported here, not at the top: it adds 1.4 s to every start of the CLI,
     # and only the digits tasks need it.

@@ -31,10 +31,10 @@ from torch import nn
 import diffusionblocks_ext as dx
 
 from .. import sampler, schedule
-from . import digits, evaluator
-from ..errors import ConfigError, layer_stack_problems, raise_first
-from .layers import AdaptiveNorm, LevelEmbedder, TransformerLayer, patchify, unpatchify
+from ..errors import ConfigError, layer_stack_problems, one_of, raise_first
 from ..task import device_of
+from . import digits, evaluator
+from .layers import AdaptiveNorm, LevelEmbedder, TransformerLayer, patchify, unpatchify
 
 EVAL_SEED = 0         # starting noise of the end-of-run samples and of the test loss's draws
 TEST_LOSS_REPEATS = 4  # σ draws per test image for test_denoising_loss
@@ -59,24 +59,16 @@ class DiTConfig:
     def check(self, config) -> None:
         """Raises ConfigError naming the first bad field (config: the whole TrainConfig)."""
         classes = 10
-        problems = layer_stack_problems(self) + [
-            (self.patch_size >= 1 and digits.IMAGE_SIZE % self.patch_size == 0,
-             f"model.patch_size: expected a divisor of the image size {digits.IMAGE_SIZE}, got {self.patch_size}"),
+        problems = layer_stack_problems(self) + digits.problems(self, config) + [
             (0 <= self.label_dropout < 1, f"model.label_dropout: expected in [0, 1), got {self.label_dropout:g}"),
-            (self.max_shift >= 0, f"model.max_shift: expected >= 0, got {self.max_shift}"),
             (self.sample_steps >= 1, f"model.sample_steps: expected at least 1, got {self.sample_steps}"),
-            (self.sampler in sampler.SAMPLERS,
-             f"model.sampler: expected one of {', '.join(sampler.SAMPLERS)}, got {self.sampler!r}"),
-            (self.sample_schedule in schedule.INFERENCE_SCHEDULES,
-             f"model.sample_schedule: expected one of {', '.join(schedule.INFERENCE_SCHEDULES)}, "
-             f"got {self.sample_schedule!r}"),
+            one_of("model.sampler", self.sampler, sampler.SAMPLERS),
+            one_of("model.sample_schedule", self.sample_schedule, schedule.INFERENCE_SCHEDULES),
             (self.cfg_scale >= 0, f"model.cfg_scale: expected >= 0, got {self.cfg_scale:g}"),
             (self.eval_samples >= 2 * classes and self.eval_samples % classes == 0,
              f"model.eval_samples: expected a multiple of {classes} classes, at least {2 * classes}, "
              f"got {self.eval_samples}"),
             (self.grid_columns >= 1, f"model.grid_columns: expected at least 1, got {self.grid_columns}"),
-            (1 <= config.batch_size <= digits.TRAIN_SIZE,
-             f"batch_size: expected 1..{digits.TRAIN_SIZE} (the training set), got {config.batch_size}"),
         ]
         raise_first(problems)
 
@@ -204,7 +196,7 @@ class DiTGeneration:
         y = y.cpu()  # inside the timing: on a GPU this waits for the sampler to finish
         seconds = time.perf_counter() - started
         passes = 1 if cfg == 1.0 else 2  # the unconditional half of a guided batch is compute too
-        layer_evals = sum(len(plan.layer_range(b)) for b in blocks)
+        layer_evals = sum(len(plan.layers(b)) for b in blocks)
         cost = {"steps": steps, "sampler": method, "schedule": levels, "cfg": cfg, "images": len(labels),
                 "network_evals": len(blocks),
                 "evals_by_block": [blocks.count(b) for b in range(plan.num_blocks)],
@@ -259,7 +251,7 @@ class DiTGeneration:
         for block in range(plan.num_blocks):
             mine = owner == block
             if mine.any():
-                F = self.model(z_in[mine], sigma[mine], labels[mine], plan.layers(block))
+                F = self.model(z_in[mine], sigma[mine], labels[mine], plan.enter(block))
                 total += dx.edm_loss(F, z[mine], y[mine], sigma[mine]).sum()
         return (total / len(labels)).item()
 

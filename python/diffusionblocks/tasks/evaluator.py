@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import digits
 from ..task import device_of
+from . import digits
 
 FILENAME = "evaluator.safetensors"
 FEATURES = 64

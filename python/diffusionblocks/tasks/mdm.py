@@ -21,11 +21,12 @@ with t drawn (stratified) from its range widened by γ·width on each side. The 
 losses are conditional expectations E[w·CE | t in range]; the ELBO is the width-weighted
 sum of them, i.e. their mean for equal widths.
 
-Ranges are half-open in α, [b/B, (b+1)/B) with the last closed: in t, block b holds
-(1 − (b+1)/B, 1 − b/B] and the last block also t = 0. A t exactly on a boundary therefore
-belongs to the *less* masked block. This is the convention of a sampler that walks t
-down a grid: the step that starts at t = 2/3 (B = 3) lies in [1/3, 2/3], so block 1
-serves it, and S = B steps run every block exactly once.
+The partition owns these ranges (partition.MaskingAxis; the task's level_name "t" asks
+for that axis): half-open in α, [b/B, (b+1)/B) with the last closed, so in t block b
+holds (1 − (b+1)/B, 1 − b/B] and the last block also t = 0. A t exactly on a boundary
+belongs to the *less* masked block: the convention of a sampler that walks t down a grid
+(the step that starts at t = 2/3, B = 3, lies in [1/3, 2/3], so block 1 serves it, and
+S = B steps run every block exactly once).
 
 Model: the bidirectional adaLN-Zero TransformerLayer of layers.py, with rotary positions
 in its attention (model.positions=learned: absolute embeddings instead), conditioned on t
@@ -56,10 +57,11 @@ from torch import nn
 
 import diffusionblocks_ext as dx
 
-from . import text
 from ..errors import ConfigError, layer_stack_problems, raise_first
-from .layers import AdaptiveNorm, LevelEmbedder, TransformerLayer
+from ..partition import MaskingAxis
 from ..task import SampleRequest, device_of
+from . import text
+from .layers import AdaptiveNorm, LevelEmbedder, TransformerLayer
 
 IGNORE = -100              # weighted_cross_entropy's ignore_index: unmasked positions
 EVAL_SEED = 0              # the evaluation's t's and masks; fixed, so both modes see the same draws
@@ -103,35 +105,6 @@ def stratified_t(n: int, t_range: tuple[float, float], generator: torch.Generato
     lo, hi = t_range
     u = torch.rand(n, dtype=torch.float64, generator=generator).to(device)
     return (hi - (torch.arange(n, dtype=torch.float64, device=device) + u) / n * (hi - lo)).clamp_min(MIN_T)
-
-
-# --- the blocks' t ranges -----------------------------------------------------------------
-class TimeRanges:
-    """Block b's range of t: equal widths in α, block 0 the most masked. Boundaries are
-    computed as 1 − b/B in float64, the same expression the sampler's grid uses, so a grid
-    point that falls on a boundary is recognised exactly."""
-
-    def __init__(self, num_blocks: int, gamma: float = 0.0):
-        self.num_blocks, self.gamma = num_blocks, gamma
-        # Descending: t_0 = 1 > t_1 > ... > t_B = 0; block b holds (t_{b+1}, t_b].
-        self.boundaries = [1 - b / num_blocks for b in range(num_blocks + 1)]
-
-    def t_range(self, block: int) -> tuple[float, float]:
-        """(lo, hi) of block's own range, without overlap."""
-        return self.boundaries[block + 1], self.boundaries[block]
-
-    def training_range(self, block: int) -> tuple[float, float]:
-        """The range widened by γ·width on each side (the α-axis analogue of docs/method.md §3's
-        overlap, which widens by γ of the width in ln σ), clamped to [0, 1]."""
-        lo, hi = self.t_range(block)
-        pad = self.gamma * (hi - lo)
-        return max(lo - pad, 0.0), min(hi + pad, 1.0)
-
-    def block_of(self, t: torch.Tensor) -> torch.Tensor:
-        """Block whose half-open range holds each t [N] (a t on a boundary: the less
-        masked block; t >= 1 -> block 0, t <= 0 -> the last block)."""
-        interior = torch.tensor(self.boundaries[1:-1], dtype=torch.float64, device=t.device)
-        return (t.to(torch.float64)[:, None] <= interior[None, :]).sum(dim=1)
 
 
 # --- the model ----------------------------------------------------------------------------
@@ -252,8 +225,7 @@ class MaskedDiffusion:
         return md4_loss(logits, x0, xt, t, self.mask_id), t.float()
 
     def block_loss(self, batch, block, plan, generator):
-        ranges = TimeRanges(plan.num_blocks, plan.gamma)
-        return self.loss_on_range(batch, ranges.training_range(block), plan.layers(block), generator)
+        return self.loss_on_range(batch, plan.training_range(block), plan.layers(block), generator)
 
     def end_to_end_loss(self, batch, generator):
         return self.loss_on_range(batch, (0.0, 1.0), range(self.num_layers), generator)[0]
@@ -264,11 +236,11 @@ class MaskedDiffusion:
     # --- evaluation -------------------------------------------------------------------
     def logits(self, xt: torch.Tensor, t: torch.Tensor, plan) -> torch.Tensor:
         """Each row served by the block whose range holds its t (one block end to end)."""
-        blocks = TimeRanges(plan.num_blocks).block_of(t)
+        blocks = plan.block_of(t)
         out = None
         for block in blocks.unique().tolist():
             rows = (blocks == block).nonzero().squeeze(1)
-            part = self.model(xt[rows], t[rows], plan.layers(block))
+            part = self.model(xt[rows], t[rows], plan.enter(block))
             if out is None:
                 out = part.new_empty(xt.shape + (part.shape[-1],))
             out[rows] = part
@@ -295,20 +267,23 @@ class MaskedDiffusion:
             for i in range(0, len(x0), batch_rows)])
         return t, terms.reshape(W, K)
 
-    def evaluate(self, plan, mode):
+    def bits_per_character(self, plan) -> tuple[float, dict[str, float]]:
+        """Validation BPC, and where the bits come from: the ELBO's share from each third of
+        t (the ranges of B = 3 whatever the run's B; the three sum to the BPC)."""
         t, terms = self.elbo_terms(plan)
         bits = terms / math.log(2)
-        # Where the bits come from (for the report): the ELBO's share from each third of t,
-        # the ranges of B = 3 whatever the run's B; the three sum to test_bpc.
-        thirds = TimeRanges(3).block_of(t.reshape(-1)).view_as(t)
-        self.bpc_by_t = {f"t in ({lo:.3g}, {hi:.3g}]": (bits * (thirds == b)).mean().item()
-                         for b, (lo, hi) in enumerate(TimeRanges(3).t_range(b) for b in range(3))}
-        return {"test_bpc": bits.mean().item()}
+        thirds = MaskingAxis(3)
+        third_of = thirds.block_of(t.reshape(-1)).view_as(t)
+        by_t = {f"t in ({lo:.3g}, {hi:.3g}]": (bits * (third_of == b)).mean().item()
+                for b, (lo, hi) in enumerate(thirds.level_range(b) for b in range(3))}
+        return bits.mean().item(), by_t
+
+    def evaluate(self, plan, mode):
+        return {"test_bpc": self.bits_per_character(plan)[0]}
 
     def finish(self, plan, mode, out_dir):
-        """The BPC split by t (from the evaluate() just before), and samples for the report
-        (and samples.txt beside it)."""
-        result = {"test_bpc_by_t": self.bpc_by_t} if hasattr(self, "bpc_by_t") else {}
+        """The BPC split by t, and samples for the report (and samples.txt beside it)."""
+        result = {"test_bpc_by_t": self.bits_per_character(plan)[1]}
         if self.options.sample_count:
             summary = self.sample(plan, mode, SampleRequest(count=self.options.sample_count,
                                                             out=Path(out_dir) / "samples.txt"))
@@ -327,12 +302,11 @@ class MaskedDiffusion:
         x = torch.full((count, T), self.mask_id, dtype=torch.int64, device=device)
         if prompt is not None and len(prompt):
             x[:, :len(prompt)] = prompt.to(device)
-        ranges = TimeRanges(plan.num_blocks)
         for i in range(steps):
             t_now, t_next = 1 - i / steps, 1 - (i + 1) / steps
             t = torch.full((count,), t_now, dtype=torch.float64, device=device)
-            block = int(ranges.block_of(t[:1])[0])
-            logits = self.model(x, t, plan.layers(block))
+            block = int(plan.block_of(t[:1])[0])
+            logits = self.model(x, t, plan.enter(block))
             probabilities = logits.float().softmax(dim=-1).reshape(-1, logits.shape[-1]).cpu()
             proposal = torch.multinomial(probabilities, 1, generator=generator).view(count, T).to(device)
             reveal_p = (alpha(t_next) - alpha(t_now)) / (1 - alpha(t_now))  # q(x_s = x_0 | x_t = [MASK])
@@ -376,7 +350,6 @@ class MaskedDiffusion:
     @staticmethod
     def _layer_evals(plan, steps: int) -> int:
         """Layer forward calls (each over the batch of sequences) of a `steps`-step sampler."""
-        ranges = TimeRanges(plan.num_blocks)
         t = torch.tensor([1 - i / steps for i in range(steps)], dtype=torch.float64)
-        return sum(len(plan.layer_range(int(b))) for b in ranges.block_of(t))
+        return sum(len(plan.layers(int(b))) for b in plan.block_of(t))
 

@@ -43,7 +43,7 @@ import diffusionblocks_ext as dx
 
 from .. import sampler, schedule
 from ..errors import raise_first
-from .charlm import CharacterLM, check_text_options
+from .charlm import CharacterLM, check_text_options, recording
 from .layers import AdaptiveNorm, LevelEmbedder, LlamaLayer, RMSNorm, rotary_tables
 
 RECURRENCE_LOG_STD = 0.5   # Huginn's σ of ln(rate) for the random K
@@ -230,16 +230,20 @@ class RecurrentDepthLM(CharacterLM):
         return dx.weighted_cross_entropy(logits, targets, dx.loss_weight(sigma)), sigma
 
     # --- evaluation and generation --------------------------------------------------------------
-    def logits(self, tokens: torch.Tensor, plan, mode: str, passes: int, generator, denoiser=None) -> torch.Tensor:
+    def logits(self, tokens: torch.Tensor, plan, mode: str, passes: int, generator, normalized=None,
+               record=None) -> torch.Tensor:
         """[N, T, V]: position j predicts character j + 1, after `passes` core passes."""
         e = self.prelude(tokens)
         if mode == "e2e":
             return self.recur(e, passes, generator)
-        return sampler.denoise_chain(denoiser or self, plan, e, (tokens.shape[1], self.options.width), passes,
-                                     generator, self.options.inference_schedule)
+        denoise = self.denoise if record is None else recording(self.denoise, record)
+        return sampler.denoise_chain(denoise, self.chain_estimate(normalized), plan, e,
+                                     (tokens.shape[1], self.options.width), passes, generator,
+                                     self.options.inference_schedule)
 
-    def window_logits(self, windows, plan, mode, generator, passes=None, denoiser=None):
-        return self.logits(windows[:, :-1], plan, mode, passes or self.options.recurrence, generator, denoiser)
+    def window_logits(self, windows, plan, mode, generator, passes=None, normalized=None, record=None):
+        return self.logits(windows[:, :-1], plan, mode, passes or self.options.recurrence, generator, normalized,
+                           record)
 
     def context_length(self, mode: str) -> int:
         return self.options.seq_len - 1

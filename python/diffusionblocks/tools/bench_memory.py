@@ -38,7 +38,7 @@ def worker(spec: dict) -> dict:
     """One configuration in this (fresh) process; returns its measurements."""
     import torch
 
-    from .. import config as C
+    from .. import config as C, steps
     from ..systems.memory import optimizer_state_bytes, tensor_bytes
     from ..train import Trainer
 
@@ -71,7 +71,7 @@ def worker(spec: dict) -> dict:
             block = step % blocks  # every block in turn: the peak of the largest one counts
             sync()
             started = time.perf_counter()
-            trainer.block_step(block, step, trainer.step_generator(step))
+            trainer.block_step(block, step, steps.step_generator(trainer.config.seed, step))
             sync()
             times.append(time.perf_counter() - started)
         peak = (torch.cuda.max_memory_allocated() if on_gpu else _peak_rss_bytes()) - baseline
