@@ -1,7 +1,7 @@
 """Run configuration: a dataclass, a registry of named presets (as DiT names its models),
 `key=value` overrides, and validation whose one-line errors start with the field name.
 The fields here are the trainer's; `model` holds the task's own options (its `Config`
-dataclass in tasks.py: model shape and task knobs)."""
+dataclass in tasks/: model shape and task knobs)."""
 
 import dataclasses
 import typing

@@ -5,7 +5,7 @@ nothing at all, which is what lets block-parallel training run with no communica
 (parallel.py) and still equal this serial run bit for bit.
 
 The copies are swapped in by pointing each shared parameter's data at the active block's
-copy (no copying); each block also has its own optimizer for them (train.py)."""
+copy (no copying); each block also has its own optimizer for them (optim.py)."""
 
 import torch
 
