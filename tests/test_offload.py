@@ -2,6 +2,9 @@
 GPU) changes where the data live, never the result; steps_per_swap groups a block's
 steps; activation checkpointing keeps results and cuts saved activations."""
 
+import ctypes
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -23,6 +26,29 @@ def tiny(**changes) -> C.TrainConfig:
 
 def weights(trainer):
     return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+
+
+def resident_bytes(mapping) -> int:
+    """Bytes of a memory map that are in this process's memory (its Rss in /proc/self/smaps)."""
+    view = ctypes.c_char.from_buffer(mapping)
+    start = ctypes.addressof(view)
+    del view
+    lines = Path("/proc/self/smaps").read_text().splitlines()
+    for i, line in enumerate(lines):
+        if line[:1] in "0123456789abcdef" and int(line.split("-")[0], 16) == start:
+            rss = next(l for l in lines[i + 1:] if l.startswith("Rss:"))
+            return int(rss.split()[1]) * 1024
+    raise AssertionError("mapping not found in /proc/self/smaps")
+
+
+def test_disk_offload_keeps_only_the_entered_block_in_memory(tmp_path):
+    trainer = Trainer(tiny(blocks=2, offload="disk"), tmp_path)
+    files = trainer.offload.files
+    for block in (0, 1, 0):
+        trainer.plan.enter(block)
+        sum(float(p.detach().sum()) for p in files[block].params)  # touch the entered block's pages
+        assert resident_bytes(files[block].map) > 0
+        assert resident_bytes(files[1 - block].map) == 0, f"block {1 - block} stayed in memory"
 
 
 @pytest.mark.parametrize("schedule", ["random", "round-robin"])

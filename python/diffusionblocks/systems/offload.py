@@ -192,10 +192,12 @@ class DiskOffload:
         self.active = None
         self.adopt_all()
         plan.listeners.append(self.activate)  # training and inference alike
+
     def activate(self, block: int) -> None:
+        """`block` is entered: every other block leaves memory (the one left included)."""
         if block != self.active:
-            self.release()
             self.active = block
+            self.release()
 
     def after_step(self, block: int) -> None:
         """The first step of a block creates its AdamW moments: move them into its file."""
