@@ -679,7 +679,8 @@ def _run_oracle(case):
 
 # Error allowance per op, in units of the working precision times the size of the terms:
 # reductions accumulate more roundings; sample_sigma's Φ⁻¹ (AS 241 vs torch's ndtri) and exp
-# differ by a few 1e-16 relative, amplified by p_std·|ℓ| up to ~20.
+# differ by a few 1e-16 relative, amplified by p_std·|ℓ| up to ~20 (its conditioning on
+# top of that: _sample_sigma_scale).
 EPS_UNITS = {"sample_sigma": 4096, "sample_sigma_": 4096, "edm_loss": 256, "weighted_cross_entropy": 256,
              "edm_loss_backward": 64, "weighted_cross_entropy_backward": 64}
 
@@ -689,6 +690,19 @@ def _working_eps(op, dtype):
     if dtype == torch.float64 and op != "add_noise":
         return 2.0**-53
     return 2.0**-24
+
+
+def _sample_sigma_scale(kw, sigma):
+    """σ·(1 + p_std·Φ(s·ℓ)/φ(ℓ)): the sampler draws p = Φ(s·ℓ) (s = −1 for a range above the
+    median, as both implementations do) and rounds it by eps·p, which moves ℓ by
+    eps·p/φ(ℓ). Near the top of a range that straddles the median p ≈ 1 while φ(ℓ) is
+    small (ℓ = 4: 7,500 times eps), so σ there is only that well defined."""
+    p_mean, p_std = kw.get("p_mean", P_MEAN), kw.get("p_std", P_STD)
+    sigma = sigma.double().abs()
+    ell = (sigma.log() - p_mean) / p_std
+    s = -1.0 if (math.log(kw["sigma_lo"]) - p_mean) / p_std > 0 else 1.0
+    log_ratio = torch.special.log_ndtr(s * ell) + ell.square() / 2 + 0.5 * math.log(2 * math.pi)
+    return sigma * (1 + p_std * log_ratio.clamp(max=400.0).exp())
 
 
 def _edm_grad_scales(kw, grad):
@@ -715,7 +729,7 @@ def _output_scales(op, kw, outputs):
     errs by about eps·Σ|terms|, however much the terms cancel."""
     sd = kw.get("sigma_data", SIGMA_DATA)
     if op in ("sample_sigma", "sample_sigma_"):
-        return [outputs[0].abs()]
+        return [_sample_sigma_scale(kw, outputs[0])]
     if op == "edm_loss_backward":
         scales = _edm_grad_scales(kw, kw["grad"])
         return [scales["F"], scales["z"] if kw["need_z"] else outputs[1], scales["y"] if kw["need_y"] else outputs[2]]
