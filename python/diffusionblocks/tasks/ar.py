@@ -199,7 +199,7 @@ class AutoregressiveLM(CharacterLM):
         return self.chain(plan, torch.cat([context, placeholder], dim=1), 1, generator, steps)[:, -1]
 
     def finish(self, plan, mode, out_dir):
-        metrics = {}
+        metrics = self.proper_scores(plan, mode)
         if mode == "blocks":
             # The readout of every Euler level (the last one gives test_ce): what each block adds.
             metrics["test_ce_by_level"], metrics["test_accuracy_by_level"] = self.metrics_by_level(plan, mode)

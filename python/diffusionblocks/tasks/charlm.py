@@ -11,7 +11,12 @@ on one character (the last readout puts probability ≈ 1 on it), so block-wise
 test_accuracy is the chance that a sample is right and test_ce that of a near one-hot
 guess. The model's predictive distribution p(x_i | x_<i) is the readout of the first
 level (σ_max, where z carries nothing): `test_ce_by_level[0]` in the report, which lists
-every level's readout."""
+every level's readout.
+
+The score that compares the two modes like with like is in the report too (proper_scores):
+`test_brier`, the Brier score of next-character prediction, exact end to end and
+estimated without bias block-wise from two independent chains, and
+`test_sample_accuracy`, the chance that a sample is right in either mode."""
 
 import time
 from pathlib import Path
@@ -62,6 +67,23 @@ class LayerCallCounter:
         for handle in self._handles:
             handle.remove()
         return False
+
+
+def brier_exact(probabilities: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The Brier score ‖p − e_y‖² = 1 − 2·p_y + Σ_v p_v² of each prediction: probabilities
+    [..., V], targets [...] -> [...]. A proper score: lowest, in expectation, for the true
+    distribution; 0 for a sure right answer, 2 for a sure wrong one."""
+    p_y = probabilities.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return 1 - 2 * p_y + probabilities.square().sum(-1)
+
+
+def brier_from_two_samples(first: torch.Tensor, second: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """An unbiased estimate of brier_exact(p, y) from two independent draws of p (token ids
+    [...], as the Euler chain gives them: a sample, not a distribution): E 1[s = y] = p_y
+    and E 1[s1 = s2] = Σ_v p_v², so 1 − 1[s1 = y] − 1[s2 = y] + 1[s1 = s2] has the mean
+    1 − 2·p_y + Σ_v p_v²."""
+    hit = lambda s: (s == targets).double()  # noqa: E731
+    return 1 - hit(first) - hit(second) + (first == second).double()
 
 
 def recording(denoise, outputs: list):
@@ -139,6 +161,29 @@ class CharacterLM:
             correct += (logits.argmax(dim=-1) == targets).sum().item()
             count += targets.numel()
         return total_ce / count, correct / count
+
+    @torch.no_grad()
+    def proper_scores(self, plan, mode) -> dict[str, float]:
+        """Teacher-forced next-character scores that compare both modes like with like:
+        test_brier (end to end exact, from softmax(logits); block-wise estimated without bias
+        from two independent chains, each of which draws a sample) and test_sample_accuracy
+        (the chance that a sample is right: mean p_y end to end, the chains' hit rate
+        block-wise). test_accuracy beside them is the end-to-end argmax's, the chain's sample's."""
+        first, second = (torch.Generator().manual_seed(EVAL_SEED + k) for k in range(2))
+        brier, hits, count = 0.0, 0.0, 0
+        for windows in self.validation_batches():
+            targets = windows[:, 1:]
+            if mode == "e2e":
+                p = self.window_logits(windows, plan, mode, first).float().softmax(dim=-1)
+                brier += brier_exact(p, targets).sum().item()
+                hits += p.gather(-1, targets.unsqueeze(-1)).sum().item()
+            else:
+                s1 = self.window_logits(windows, plan, mode, first).argmax(dim=-1)
+                s2 = self.window_logits(windows, plan, mode, second).argmax(dim=-1)
+                brier += brier_from_two_samples(s1, s2, targets).sum().item()
+                hits += ((s1 == targets).sum().item() + (s2 == targets).sum().item()) / 2
+            count += targets.numel()
+        return {"test_brier": brier / count, "test_sample_accuracy": hits / count}
 
     @torch.no_grad()
     def metrics_by_level(self, plan, mode, **kwargs) -> tuple[list[float], list[float]]:

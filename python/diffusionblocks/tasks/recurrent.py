@@ -252,7 +252,7 @@ class RecurrentDepthLM(CharacterLM):
         return self.logits(context, plan, mode, steps or self.options.recurrence, generator)[:, -1]
 
     def finish(self, plan, mode, out_dir):
-        metrics = {}
+        metrics = self.proper_scores(plan, mode)  # at K = model.recurrence
         if mode == "blocks":
             # The readout after each of the K = model.recurrence passes (the first one, at σ_max,
             # is the model's predictive distribution; the chain then samples from it).
