@@ -54,8 +54,6 @@ class SigmaAxis:
     """σ in [σ_min, σ_max] cut into B intervals; layer-block k covers ascending interval
     B−1−k. Intervals are half-open (schedule.interval_index says which way)."""
 
-    name = "sigma"
-
     def __init__(self, num_blocks: int, partition: str = "equi", gamma: float = 0.0):
         if gamma < 0:
             raise PartitionError(f"gamma: expected an overlap >= 0, got {gamma:g}")
@@ -86,8 +84,6 @@ class MaskingAxis:
     t on a boundary belongs to the less masked block, so a sampler walking t down a grid
     of B steps runs every block exactly once."""
 
-    name = "t"
-
     def __init__(self, num_blocks: int, gamma: float = 0.0):
         if gamma < 0:
             raise PartitionError(f"gamma: expected an overlap >= 0, got {gamma:g}")
@@ -111,24 +107,21 @@ class MaskingAxis:
         return (t.to(torch.float64)[:, None] <= interior[None, :]).sum(dim=1)
 
 
-AXES = {"sigma": SigmaAxis, "t": MaskingAxis}
-
-
 class BlockPartition:
     def __init__(self, num_layers: int, num_blocks: int, partition: str = "equi", gamma: float = 0.0,
                  split=None, axis: str = "sigma"):
-        if axis not in AXES:
-            raise PartitionError(f"axis: expected one of {sorted(AXES)}, got {axis!r}")
         if axis == "sigma":
             self.axis = SigmaAxis(num_blocks, partition, gamma)
-        elif partition != "equi":
+        elif axis == "t" and partition == "equi":
+            self.axis = MaskingAxis(num_blocks, gamma)
+        elif axis == "t":
             raise PartitionError(f"partition: the masking-time axis is cut equally in α (partition=equi), "
                                  f"got {partition!r}")
         else:
-            self.axis = MaskingAxis(num_blocks, gamma)
+            raise PartitionError(f"axis: expected 'sigma' or 't', got {axis!r}")
         if num_blocks > num_layers:
             raise PartitionError(f"blocks: B={num_blocks} exceeds the number of layers L={num_layers}")
-        self.num_layers, self.num_blocks, self.gamma = num_layers, num_blocks, gamma
+        self.num_layers, self.num_blocks = num_layers, num_blocks
         self.split = equal_split(num_layers, num_blocks) if split is None else \
             check_split(split, num_layers, num_blocks)
         starts = [sum(self.split[:b]) for b in range(num_blocks)]

@@ -255,13 +255,13 @@ class Trainer:
         raises Interrupted after the checkpoint that follows a signal."""
         config, parallel = self.config, self.parallel
         records = []  # written at each checkpoint (block-parallel: gathered from every rank first)
+        shared = [p for _, p in shared_parameters(self.model)]  # the same Parameter objects all run long
         started = time.perf_counter()
         while self.step < end:
             record = self.train_step(self.step)
             self.step += 1
             bar.update(1)
             if parallel is not None:
-                shared = [p for _, p in shared_parameters(self.model)]
                 self.stop_signal = parallel.after_step(self.step, shared, self.stop_signal)
             if record is not None:
                 records.append(record)

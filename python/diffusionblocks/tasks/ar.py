@@ -34,9 +34,9 @@ from torch import nn
 
 import diffusionblocks_ext as dx
 
-from .. import sampler, schedule
+from .. import schedule
 from ..errors import raise_first
-from .charlm import CharacterLM, check_text_options, recording
+from .charlm import CharacterLM, check_text_options
 from .layers import AdaptiveNorm, LevelEmbedder, LlamaLayer, RMSNorm, rotary_tables
 
 
@@ -175,10 +175,8 @@ class AutoregressiveLM(CharacterLM):
 
     def chain(self, plan, clean, noisy_len, generator, steps=None, normalized=None, record=None) -> torch.Tensor:
         """Logits [N, noisy_len, V] of the last level of the Euler chain over the blocks."""
-        denoise = self.denoise if record is None else recording(self.denoise, record)
-        return sampler.denoise_chain(denoise, self.chain_estimate(normalized), plan, clean,
-                                     (noisy_len, self.options.width), self.num_steps(plan, steps), generator,
-                                     self.options.inference_schedule)
+        return self.run_chain(plan, clean, (noisy_len, self.options.width), self.num_steps(plan, steps), generator,
+                              normalized, record)
 
     def window_logits(self, windows, plan, mode, generator, steps=None, normalized=None, record=None):
         if mode == "e2e":

@@ -129,13 +129,19 @@ class CharacterLM:
         """y: the L2-normalised target embedding of each token."""
         return F.normalize(self.model.target_embed[tokens], dim=-1)
 
-    def chain_estimate(self, normalized: bool | None = None):
-        """The chain's estimate between levels: the expected target embedding softmax(logits)·E
-        (docs/method.md §6), over the normalised E unless `normalized` (default:
-        model.normalized_inference_embedding) says the raw one."""
+    def run_chain(self, plan, inputs: torch.Tensor, target_shape: tuple[int, ...], steps: int, generator,
+                  normalized: bool | None = None, record: list | None = None) -> torch.Tensor:
+        """The logits of the last level of the Euler chain over `steps` levels, the subclass's
+        `denoise` evaluating each. Between levels it hands on the expected target embedding
+        softmax(logits)·E (docs/method.md §6), over the normalised E unless `normalized`
+        (default: model.normalized_inference_embedding) says the raw one; `record`, a list,
+        receives every level's logits."""
         if normalized is None:
             normalized = self.options.normalized_inference_embedding
-        return lambda D, logits: sampler.expected_embedding(logits, self.model.target_embed, normalized)
+        to_estimate = lambda D, logits: sampler.expected_embedding(logits, self.model.target_embed, normalized)  # noqa: E731
+        denoise = self.denoise if record is None else recording(self.denoise, record)
+        return sampler.denoise_chain(denoise, to_estimate, plan, inputs, target_shape, steps, generator,
+                                     self.options.inference_schedule)
 
     # --- evaluation -------------------------------------------------------------------------
     def evaluate(self, plan, mode):

@@ -279,11 +279,12 @@ class MaskedDiffusion:
         return bits.mean().item(), by_t
 
     def evaluate(self, plan, mode):
-        return {"test_bpc": self.bits_per_character(plan)[0]}
+        bpc, by_t = self.bits_per_character(plan)
+        return {"test_bpc": bpc, "test_bpc_by_t": by_t}
 
     def finish(self, plan, mode, out_dir):
-        """The BPC split by t, and samples for the report (and samples.txt beside it)."""
-        result = {"test_bpc_by_t": self.bits_per_character(plan)[1]}
+        """Samples for the report (and samples.txt beside it)."""
+        result = {}
         if self.options.sample_count:
             summary = self.sample(plan, mode, SampleRequest(count=self.options.sample_count,
                                                             out=Path(out_dir) / "samples.txt"))

@@ -41,9 +41,9 @@ from torch import nn
 
 import diffusionblocks_ext as dx
 
-from .. import sampler, schedule
+from .. import schedule
 from ..errors import raise_first
-from .charlm import CharacterLM, check_text_options, recording
+from .charlm import CharacterLM, check_text_options
 from .layers import AdaptiveNorm, LevelEmbedder, LlamaLayer, RMSNorm, rotary_tables
 
 RECURRENCE_LOG_STD = 0.5   # Huginn's σ of ln(rate) for the random K
@@ -236,10 +236,7 @@ class RecurrentDepthLM(CharacterLM):
         e = self.prelude(tokens)
         if mode == "e2e":
             return self.recur(e, passes, generator)
-        denoise = self.denoise if record is None else recording(self.denoise, record)
-        return sampler.denoise_chain(denoise, self.chain_estimate(normalized), plan, e,
-                                     (tokens.shape[1], self.options.width), passes, generator,
-                                     self.options.inference_schedule)
+        return self.run_chain(plan, e, (tokens.shape[1], self.options.width), passes, generator, normalized, record)
 
     def window_logits(self, windows, plan, mode, generator, passes=None, normalized=None, record=None):
         return self.logits(windows[:, :-1], plan, mode, passes or self.options.recurrence, generator, normalized,

@@ -5,7 +5,8 @@ label_norm (0.25). Its noisy version, scaled by c_in, is one more token beside t
 learned [CLS] token and the patch tokens of the clean image. Readout: [CLS] -> final
 norm -> h; D = c_skip·z + c_out·h; logits = head(adaLN(D)).
 
-Both choices depart from docs/method.md §6 (y of norm 1; c_in·z in place of [CLS]) for one reason:
+Both choices depart from the paper's recipe (docs/method.md §6: y of norm 1, c_in·z in place
+of [CLS]) for one reason:
 a block learns to read the image only where z does not already name the label. With
 norm 1, z names it for σ below about 0.5, so at B = 3 the two lower blocks learn to
 copy z and the chain is only as good as the top block. With norm 0.25 that happens only
