@@ -149,8 +149,9 @@ def test_train_then_sample_from_the_command_line(tmp_path, capsys):
     assert cli.main(["train", "ar-text-tiny", "--out", str(out), "--set", "progress=false"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["task"] == "ar" and report["blocks"] == 2 and report["layer_evals"] == 8
-    assert {"test_ce", "test_accuracy", "test_ce_by_level", "samples"} <= set(report["metrics"])
-    assert len(report["metrics"]["test_ce_by_level"]) == 2
+    assert {"test_brier", "test_sample_accuracy", "block_table", "samples"} <= set(report["metrics"])
+    assert "test_ce" not in report["metrics"]  # the chain's readout is a sample, not a likelihood
+    assert len(report["metrics"]["block_table"]) == 2
     assert (out / "samples.txt").read_text().count("--- prompt ---") == 3
     assert (out / "loss_by_block.png").exists() and (out / "metrics.jsonl").exists()
     capsys.readouterr()

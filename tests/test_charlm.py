@@ -5,7 +5,7 @@ both in every report of the autoregressive and recurrent tasks."""
 import pytest
 import torch
 
-from diffusionblocks.tasks.charlm import brier_exact, brier_from_two_samples
+from diffusionblocks.tasks.charlm import brier_exact, brier_from_two_samples, choose
 from diffusionblocks.train import Trainer
 
 from conftest import tiny_config
@@ -50,3 +50,41 @@ def test_both_modes_report_the_brier_score_and_the_sample_accuracy(tmp_path, pre
             total += brier_exact(p, windows[:, 1:]).sum().item()
             count += windows[:, 1:].numel()
         assert metrics["test_brier"] == pytest.approx(total / count, rel=1e-6)
+
+
+def test_every_generation_metric_is_in_both_modes_reports(tmp_path):
+    for task_preset in ("ar-text-tiny", "recurrent-text-tiny"):
+        for mode in ("blocks", "e2e"):
+            config = tiny_config(task_preset, mode=mode, quality_prompts=8)
+            metrics = Trainer(config, tmp_path / f"{task_preset}-{mode}").run()["metrics"]
+            generation = metrics["generation"]
+            decodings = ["greedy"] if mode == "blocks" else ["ancestral", "top-p", "greedy"]
+            assert list(generation["by_decoding"]) == decodings
+            assert metrics["mauve"] == generation["by_decoding"][decodings[0]]["mauve_mean"]
+            assert 0 <= metrics["mauve"] <= 1 and metrics["mauve_std"] >= 0
+            for row in list(generation["by_decoding"].values()) + [generation["reference"]]:
+                assert {"mauve_mean", "mauve_std", "evaluator_bpc", "distinct4", "unigram_entropy_bits"} <= set(row)
+            assert generation["prompts"] == 8
+            if mode == "blocks":
+                table = metrics["block_table"]
+                assert [row["sigma"] for row in table] == sorted((row["sigma"] for row in table), reverse=True)
+                # At σ_min the noisy target names the character: the nearest embedding is right.
+                assert table[-1]["z_alone_accuracy"] == 1.0
+
+
+def test_decodings_choose_as_they_say():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).log_softmax(-1).expand(20_000, -1)
+    p = logits[0].softmax(-1)
+    generator = torch.Generator().manual_seed(0)
+    assert choose(logits, "greedy", generator).eq(0).all()
+    drawn = choose(logits, "ancestral", generator)
+    frequencies = torch.bincount(drawn, minlength=4) / len(drawn)
+    assert torch.allclose(frequencies.double(), p.double(), atol=0.015)
+    # top-p 0.95: p = (0.644, 0.237, 0.087, 0.032): the first three reach 0.968, the last is cut.
+    nucleus = choose(logits, "top-p", generator)
+    frequencies = torch.bincount(nucleus, minlength=4) / len(nucleus)
+    assert frequencies[3] == 0
+    torch.testing.assert_close(frequencies[:3].double(), (p[:3] / p[:3].sum()).double(), atol=0.015, rtol=0)
+    # The same generator state gives the same draws.
+    again = [choose(logits[:50], "ancestral", torch.Generator().manual_seed(3)) for _ in range(2)]
+    assert torch.equal(*again)

@@ -40,12 +40,12 @@ class TrainConfig:
     offload: str = "none"                # inactive blocks' weights + optimizer state: "none", "cpu"
                                          # (GPU -> host memory) or "disk" (CPU -> memory-mapped files)
     activation_checkpointing: bool = False  # recompute each layer in backward (torch.utils.checkpoint)
-    e2e_steps: int = 1200                # end-to-end steps; block-wise runs B× as many (same layer evals)
+    e2e_steps: int = 1200                # end-to-end steps; block-wise runs as many layer evaluations (B× the steps)
     steps: int = 0                       # 0: the budget above; else an explicit step count
     batch_size: int = 128
     lr: float = 3e-3
     weight_decay: float = 0.05
-    warmup_e2e_steps: int = 50           # scaled by B like the steps
+    warmup_e2e_steps: int = 50           # scaled like the steps
     grad_clip: float = 1.0
     seed: int = 0
     eval_every: int = 0                  # steps between test evaluations; 0 = at the end only
@@ -64,12 +64,22 @@ class TrainConfig:
         return self.blocks if self.mode == "blocks" else 1
 
     @property
+    def steps_per_e2e_step(self) -> float:
+        """Block-wise steps that cost one end-to-end step in layer evaluations: B (a block
+        step runs 1/B of the layers), unless the task's options count otherwise (the
+        recurrent baseline runs its core K times a step)."""
+        if self.mode == "e2e":
+            return 1
+        ratio = getattr(self.model, "block_steps_per_e2e_step", None)
+        return ratio() if ratio is not None else self.blocks
+
+    @property
     def total_steps(self) -> int:
-        return self.steps or self.num_blocks * self.e2e_steps
+        return self.steps or round(self.steps_per_e2e_step * self.e2e_steps)
 
     @property
     def warmup_steps(self) -> int:
-        return self.num_blocks * self.warmup_e2e_steps
+        return round(self.steps_per_e2e_step * self.warmup_e2e_steps)
 
     def partition_plan(self) -> BlockPartition:
         """The blocks of this run, on the task's axis of noise levels (σ, or masking t)."""
@@ -158,7 +168,7 @@ def validate(config: TrainConfig) -> TrainConfig:
          f"model: expected the options of task {config.task!r}, got {type(config.model).__name__}")
     config.model.check(config)
     need(config.e2e_steps >= 1, f"e2e_steps: expected at least 1, got {config.e2e_steps}")
-    need(config.steps >= 0, f"steps: expected >= 0 (0 = B x e2e_steps), got {config.steps}")
+    need(config.steps >= 0, f"steps: expected >= 0 (0 = the layer evaluations of e2e_steps), got {config.steps}")
     need(config.batch_size >= 1, f"batch_size: expected at least 1, got {config.batch_size}")
     need(config.lr > 0, f"lr: expected > 0, got {config.lr:g}")
     need(config.weight_decay >= 0, f"weight_decay: expected >= 0, got {config.weight_decay:g}")

@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import diffusionblocks_ext as dx
+
 from .. import sampler, schedule
 from ..errors import ConfigError, one_of
 from ..task import SampleRequest, device_of
@@ -33,6 +35,10 @@ EVAL_SEED = 0        # the sampler's starting noise at evaluation: fixed, so eva
 EVAL_BATCH = 64      # validation windows per forward pass
 SAMPLE_PROMPTS = 3   # prompts for the samples at the end of a run: the starts of validation chunks
 PROMPT_LENGTH = 40
+# The evaluator LM of the MAUVE pass (text_quality.py): "tiny" is for tests only.
+EVALUATORS = {"default": None, "tiny": dict(width=16, layers=1, heads=2, seq_len=16, batch_size=4, steps=4,
+                                              warmup_steps=1)}
+SAMPLING_SEEDS = (0, 1)  # generation seeds of the MAUVE pass (each scored with text_quality.SEEDS)
 
 
 def check_text_options(options, config) -> list[tuple[bool, str]]:
@@ -47,6 +53,14 @@ def check_text_options(options, config) -> list[tuple[bool, str]]:
         (options.eval_windows >= 1, f"model.eval_windows: expected at least 1, got {options.eval_windows}"),
         (options.sample_tokens >= 0, f"model.sample_tokens: expected >= 0, got {options.sample_tokens}"),
         one_of("model.inference_schedule", options.inference_schedule, schedule.INFERENCE_SCHEDULES),
+        (options.target_norm > 0, f"model.target_norm: expected > 0, got {options.target_norm:g}"),
+        (options.quality_prompts >= 0, f"model.quality_prompts: expected >= 0 (0 = no MAUVE pass), "
+                                       f"got {options.quality_prompts}"),
+        (options.quality_prompt_chars >= 1,
+         f"model.quality_prompt_chars: expected at least 1, got {options.quality_prompt_chars}"),
+        (options.quality_chars >= 1, f"model.quality_chars: expected at least 1, got {options.quality_chars}"),
+        one_of("model.evaluator", options.evaluator, EVALUATORS),
+        one_of("model.noisy_input", options.noisy_input, NOISY_INPUTS),
     ]
 
 
@@ -84,6 +98,46 @@ def brier_from_two_samples(first: torch.Tensor, second: torch.Tensor, targets: t
     1 − 2·p_y + Σ_v p_v²."""
     hit = lambda s: (s == targets).double()  # noqa: E731
     return 1 - hit(first) - hit(second) + (first == second).double()
+
+
+# How a character is chosen from next-character logits. Block-wise the logits are the chain's
+# last readout, which is nearly one-hot on the character the chain drew, so "greedy" there
+# returns a sample; end to end, "greedy" is the argmax and "ancestral" the like-for-like draw.
+DECODINGS = ("greedy", "ancestral", "top-p")
+TOP_P = 0.95  # the nucleus of the paper's baseline decoding
+
+
+def choose(logits: torch.Tensor, decoding: str, generator: torch.Generator, top_p: float = TOP_P) -> torch.Tensor:
+    """Token ids [n] from logits [n, V]: the argmax ("greedy"), a draw from softmax(logits)
+    at temperature 1 ("ancestral"), or a draw from the smallest set of most likely tokens
+    whose probability reaches top_p, renormalised ("top-p"). Draws use one uniform per row
+    from `generator` (a CPU generator), by inverse CDF, so they are the same on any device."""
+    if decoding == "greedy":
+        return logits.argmax(dim=-1)
+    p = logits.float().softmax(dim=-1)
+    if decoding == "top-p":
+        sorted_p, order = p.sort(dim=-1, descending=True)
+        before = sorted_p.cumsum(dim=-1) - sorted_p          # mass of the more likely tokens
+        sorted_p = sorted_p.masked_fill(before >= top_p, 0)  # keeps the token that crosses top_p
+        p = torch.zeros_like(p).scatter(-1, order, sorted_p)
+        p = p / p.sum(dim=-1, keepdim=True)
+    u = torch.rand(len(p), 1, generator=generator, dtype=torch.float64).to(p.device)
+    cdf = p.double().cumsum(dim=-1)
+    return (cdf < u * cdf[:, -1:]).sum(dim=-1).clamp(max=p.shape[-1] - 1)
+
+
+def evidence(z: torch.Tensor, sigma: torch.Tensor, target_norm: float) -> torch.Tensor:
+    """What the noisy target z [N, ..., d] tells about y, as the layers' input in place of
+    c_in·z: z·r/(σ² + r²) for targets of norm r. Under Gaussian noise ⟨z, y⟩/σ² is the log-
+    likelihood of y, so for σ ≫ r this is that evidence, and it fades with σ: at σ_max it is
+    nearly 0 where c_in·z is unit-variance noise that 2 layers must learn to ignore. For
+    σ ≪ r it tends to y/r, of unit norm; its noise is at most 1/2 per dimension (at σ = r)."""
+    r = target_norm
+    variance = sigma.double().reshape((-1,) + (1,) * (z.dim() - 1)).square()
+    return (z * (r / (variance + r * r))).to(z.dtype)
+
+
+NOISY_INPUTS = ("evidence", "c_in")
 
 
 def recording(denoise, outputs: list):
@@ -126,8 +180,12 @@ class CharacterLM:
 
     # --- the target y and the sampler's estimate of it (model.target_embed: [V, d]) -------------
     def target(self, tokens: torch.Tensor) -> torch.Tensor:
-        """y: the L2-normalised target embedding of each token."""
-        return F.normalize(self.model.target_embed[tokens], dim=-1)
+        """y: the target embedding of each token, L2-normalised to model.target_norm."""
+        return self.options.target_norm * F.normalize(self.model.target_embed[tokens], dim=-1)
+
+    def noisy_input(self, z: torch.Tensor, z_in: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """What the layers read of the noisy target: c_in·z (z_in, as given) or `evidence`."""
+        return evidence(z, sigma, self.options.target_norm) if self.options.noisy_input == "evidence" else z_in
 
     def run_chain(self, plan, inputs: torch.Tensor, target_shape: tuple[int, ...], steps: int, generator,
                   normalized: bool | None = None, record: list | None = None) -> torch.Tensor:
@@ -138,15 +196,20 @@ class CharacterLM:
         receives every level's logits."""
         if normalized is None:
             normalized = self.options.normalized_inference_embedding
-        to_estimate = lambda D, logits: sampler.expected_embedding(logits, self.model.target_embed, normalized)  # noqa: E731
+        scale = self.options.target_norm if normalized else 1.0  # the targets' own table r·Ê
+        to_estimate = lambda D, logits: scale * sampler.expected_embedding(logits, self.model.target_embed, normalized)  # noqa: E731
         denoise = self.denoise if record is None else recording(self.denoise, record)
         return sampler.denoise_chain(denoise, to_estimate, plan, inputs, target_shape, steps, generator,
                                      self.options.inference_schedule)
 
     # --- evaluation -------------------------------------------------------------------------
     def evaluate(self, plan, mode):
+        """One pass over the validation windows. End to end: the cross-entropy (a likelihood)
+        and the argmax's accuracy. Block-wise the chain's last readout is nearly one-hot on the
+        character it drew, so its argmax is a sample: only its hit rate is reported, as
+        test_sample_accuracy (finish adds the proper score of both modes)."""
         ce, accuracy = self.window_metrics(plan, mode)
-        return {"test_ce": ce, "test_accuracy": accuracy}
+        return {"test_ce": ce, "test_accuracy": accuracy} if mode == "e2e" else {"test_sample_accuracy": accuracy}
 
     def validation_batches(self):
         """The validation windows (kept on the CPU with the corpus), EVAL_BATCH at a time, on
@@ -156,7 +219,7 @@ class CharacterLM:
 
     @torch.no_grad()
     def window_metrics(self, plan, mode, **kwargs) -> tuple[float, float]:
-        """(cross-entropy in nats per character, accuracy) of the validation windows."""
+        """(cross-entropy in nats per character, argmax accuracy) of the validation windows."""
         generator = torch.Generator().manual_seed(EVAL_SEED)
         total_ce, correct, count = 0.0, 0, 0
         for windows in self.validation_batches():
@@ -169,58 +232,139 @@ class CharacterLM:
         return total_ce / count, correct / count
 
     @torch.no_grad()
-    def proper_scores(self, plan, mode) -> dict[str, float]:
+    def proper_scores(self, plan, mode, **kwargs) -> dict[str, float]:
         """Teacher-forced next-character scores that compare both modes like with like:
         test_brier (end to end exact, from softmax(logits); block-wise estimated without bias
         from two independent chains, each of which draws a sample) and test_sample_accuracy
         (the chance that a sample is right: mean p_y end to end, the chains' hit rate
-        block-wise). test_accuracy beside them is the end-to-end argmax's, the chain's sample's."""
+        block-wise). `kwargs` go to window_logits (e.g. the recurrent task's passes)."""
         first, second = (torch.Generator().manual_seed(EVAL_SEED + k) for k in range(2))
         brier, hits, count = 0.0, 0.0, 0
         for windows in self.validation_batches():
             targets = windows[:, 1:]
             if mode == "e2e":
-                p = self.window_logits(windows, plan, mode, first).float().softmax(dim=-1)
+                p = self.window_logits(windows, plan, mode, first, **kwargs).float().softmax(dim=-1)
                 brier += brier_exact(p, targets).sum().item()
                 hits += p.gather(-1, targets.unsqueeze(-1)).sum().item()
             else:
-                s1 = self.window_logits(windows, plan, mode, first).argmax(dim=-1)
-                s2 = self.window_logits(windows, plan, mode, second).argmax(dim=-1)
+                s1 = self.window_logits(windows, plan, mode, first, **kwargs).argmax(dim=-1)
+                s2 = self.window_logits(windows, plan, mode, second, **kwargs).argmax(dim=-1)
                 brier += brier_from_two_samples(s1, s2, targets).sum().item()
                 hits += ((s1 == targets).sum().item() + (s2 == targets).sum().item()) / 2
             count += targets.numel()
         return {"test_brier": brier / count, "test_sample_accuracy": hits / count}
 
     @torch.no_grad()
-    def metrics_by_level(self, plan, mode, **kwargs) -> tuple[list[float], list[float]]:
-        """Block-wise: (cross-entropy, accuracy) of the readout at every level of the Euler
-        chain, noisiest first; the last level's are window_metrics'."""
+    def block_table(self, plan, windows: int = EVAL_BATCH) -> list[dict]:
+        """Does every block work? Block-wise, one row per level of the chain (noisiest first):
+        the block that runs there, teacher-forced on the first `windows` validation windows
+        with the true next character noised to the level's σ (z = y + σ·ε), against what its
+        input alone already tells:
+          accuracy, brier          the block's readout (argmax; Brier of its softmax)
+          z_alone_accuracy         the nearest target embedding to z: a pure copier
+          previous_and_z_accuracy  the previous level's readout (on its own noise draw) times
+                                   z's Gaussian likelihood, the Bayes combination of the two
+        A block whose accuracy is no better than max(z_alone, previous_and_z) adds nothing
+        to its input. At the last level (σ_min) z names the character: every block copies."""
         generator = torch.Generator().manual_seed(EVAL_SEED)
-        ce, correct = [], []
-        for windows in self.validation_batches():
-            outputs = []
-            self.window_logits(windows, plan, mode, generator, record=outputs, **kwargs)
-            targets = windows[:, 1:]
-            levels = [out[:, out.shape[1] - targets.shape[1]:] for out in outputs]  # align to targets
-            ce.append([F.cross_entropy(out.reshape(-1, out.shape[-1]), targets.reshape(-1), reduction="sum").item()
-                       for out in levels])
-            correct.append([(out.argmax(dim=-1) == targets).sum().item() for out in levels])
-        count = self.validation[:, 1:].numel()
-        return [sum(c) / count for c in zip(*ce)], [sum(c) / count for c in zip(*correct)]
+        batch = self.validation[:windows].to(device_of(self.model))
+        inputs, ids = self.denoiser_inputs(batch)
+        targets = batch[:, 1:]
+        y = self.target(ids)
+        table = F.normalize(self.model.target_embed, dim=-1) * self.options.target_norm
+        rows, previous = [], None
+        for sigma_value in schedule.INFERENCE_SCHEDULES[self.options.inference_schedule](
+                self.num_steps(plan)).tolist():
+            sigma = torch.full((len(batch),), sigma_value, device=batch.device)
+            z, z_in = dx.add_noise(y, sigma, generator=generator)
+            block = int(plan.block_of(torch.tensor([sigma_value]))[0])
+            _, logits = self.denoise(inputs, z, z_in, sigma, plan.enter(block))
+            logits = logits[:, -targets.shape[1]:].float()
+            log_likelihood = -torch.cdist(z[:, -targets.shape[1]:], table.expand(len(z), -1, -1)).square() \
+                / (2 * sigma_value ** 2)
+            combined = log_likelihood if previous is None else previous + log_likelihood
+            hit = lambda scores: (scores.argmax(dim=-1) == targets).double().mean().item()  # noqa: E731
+            rows.append({"sigma": sigma_value, "block": block, "accuracy": hit(logits),
+                         "brier": brier_exact(logits.softmax(dim=-1), targets).mean().item(),
+                         "z_alone_accuracy": hit(log_likelihood), "previous_and_z_accuracy": hit(combined)})
+            previous = logits.log_softmax(dim=-1)
+        return rows
 
     # --- generation -------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, plan, mode, prompt: torch.Tensor, tokens: int, count: int,
-                 generator: torch.Generator, steps: int | None = None) -> torch.Tensor:
-        """[count, len(prompt) + tokens] on the CPU (for decoding): the prompt, then greedy
-        characters, each predicted from the last context_length(mode) characters."""
+                 generator: torch.Generator, steps: int | None = None, decoding: str = "greedy") -> torch.Tensor:
+        """[count, len(prompt) + tokens] on the CPU (for decoding): the prompt ([P], or
+        [count, P] for one prompt per row), then `tokens` characters, each from the last
+        context_length(mode) characters, chosen by `decoding` (see DECODINGS)."""
+        if decoding not in DECODINGS:
+            raise ConfigError(f"decoding: expected one of {', '.join(DECODINGS)}, got {decoding!r}")
         sequences = prompt.to(device_of(self.model)).expand(count, -1).clone()
         window = self.context_length(mode)
         for _ in range(tokens):
             context = sequences[:, max(0, sequences.shape[1] - window):]
             logits = self.next_logits(context, plan, mode, generator, steps)
-            sequences = torch.cat([sequences, logits.argmax(dim=-1, keepdim=True)], dim=1)
+            sequences = torch.cat([sequences, choose(logits, decoding, generator)[:, None]], dim=1)
         return sequences.cpu()
+
+    # --- generation quality (MAUVE against held-out text) ----------------------------------
+    def decodings(self, mode: str) -> tuple[str, ...]:
+        """The decodings judged, the like-for-like one first: block-wise the chain (its greedy
+        readout is its sample), end to end a draw at temperature 1, then the paper's top-p
+        baseline and greedy."""
+        return ("greedy",) if mode == "blocks" else ("ancestral", "top-p", "greedy")
+
+    def quality_windows(self) -> torch.Tensor:
+        """[n, P + C] held-out windows (n = model.quality_prompts at most): the prompts are
+        their first P characters, the references the whole windows. Non-overlapping, from the
+        start of the validation text, the same for every run on this corpus."""
+        length = self.options.quality_prompt_chars + self.options.quality_chars
+        ids = self.corpus.validation
+        count = min(self.options.quality_prompts, len(ids) // length)
+        windows = ids[:count * length].view(count, length)
+        # Even windows first, then odd ones: the reference row compares the two halves, which
+        # then come from the same stretches of text rather than from two different topics.
+        return torch.cat([windows[0::2], windows[1::2]])
+
+    def generation_report(self, plan, mode, steps: int | None = None, decodings: tuple[str, ...] | None = None,
+                          sampling_seeds: tuple[int, ...] = SAMPLING_SEEDS) -> dict:
+        """MAUVE of the continuations of held-out prompts against the true continuations, on
+        the features of an evaluator LM (text_quality.py, trained once on the training split
+        and cached), for each decoding and SAMPLING_SEEDS; the headline is `mauve` (mean ±
+        `mauve_std` over sampling and clustering seeds) of the like-for-like decoding. `steps`
+        (Euler levels, or the recurrent task's K) and `decodings` default to the task's."""
+        from . import text_quality
+
+        windows = self.quality_windows()
+        if len(windows) < 2:
+            return {}
+        prompt_chars = self.options.quality_prompt_chars
+        config = text_quality.EvaluatorConfig(**(EVALUATORS[self.options.evaluator] or {}))
+        evaluator, _ = text_quality.load_or_train(self.corpus, config=config)  # trains it on first use
+        by_decoding = {}
+        decodings = decodings or self.decodings(mode)
+        for decoding in decodings:
+            seeds = sampling_seeds if (mode == "blocks" or decoding != "greedy") else sampling_seeds[:1]
+            runs = []
+            for seed in seeds:
+                generated = self.generate(plan, mode, windows[:, :prompt_chars], self.options.quality_chars,
+                                          len(windows), torch.Generator().manual_seed(seed), steps, decoding)
+                runs.append(text_quality.generation_quality(evaluator, generated, windows, prompt_chars))
+            scores = [value for run in runs for value in run["mauve_by_seed"]]
+            summary = {"mauve_mean": sum(scores) / len(scores),
+                       "mauve_std": torch.tensor(scores, dtype=torch.float64).std(unbiased=False).item(),
+                       "mauve_by_seed": scores, "sampling_seeds": list(seeds)}
+            for name in ("evaluator_bpc", "distinct4", "unigram_entropy_bits"):
+                summary[name] = sum(run[name] for run in runs) / len(runs)
+            by_decoding[decoding] = summary
+        headline, last = by_decoding[decodings[0]], runs[-1]
+        reference = {"mauve_mean": last["mauve_reference_mean"], "mauve_std": last["mauve_reference_std"],
+                     "evaluator_bpc": last["reference_bpc"], "distinct4": last["reference_distinct4"],
+                     "unigram_entropy_bits": last["reference_unigram_entropy_bits"]}
+        return {"mauve": headline["mauve_mean"], "mauve_std": headline["mauve_std"],
+                "generation": {"prompts": len(windows), "prompt_chars": prompt_chars,
+                               "continuation_chars": self.options.quality_chars, "by_decoding": by_decoding,
+                               "reference": reference}}
 
     def default_prompts(self) -> list[str]:
         """The starts of the first validation chunks: held-out text the model never saw."""

@@ -64,12 +64,24 @@ class RecurrentConfig:
     eval_recurrences: tuple[int, ...] | None = (4, 8, 16, 32)  # Ks measured at the end of a run
     inference_schedule: str = "cdf"      # block-wise: the K noise levels, "cdf" or "karras"
     normalized_inference_embedding: bool = True
+    target_norm: float = 1.0             # norm of the target y (charlm.py)
+    noisy_input: str = "c_in"            # what the core gets of z: "c_in" or "evidence" (charlm.NOISY_INPUTS)
     eval_windows: int = 256
     sample_tokens: int = 200
+    quality_prompts: int = 400           # held-out prompts continued for MAUVE at the end of a run; 0 = none
+    quality_prompt_chars: int = 32       # characters of each prompt
+    quality_chars: int = 32              # characters generated after each prompt
+    evaluator: str = "default"           # the evaluator LM of MAUVE (charlm.EVALUATORS)
 
     def __post_init__(self):
         if self.eval_recurrences is not None:  # a JSON list from config.json
             self.eval_recurrences = tuple(self.eval_recurrences)
+
+    def block_steps_per_e2e_step(self) -> float:
+        """Equal training compute: a baseline step runs prelude + K·core + coda layers with
+        E[K] = 1 + mean_recurrence, a block-wise step prelude + core + coda (one pass)."""
+        baseline = self.prelude_layers + (1 + self.mean_recurrence) * self.core_layers + self.coda_layers
+        return baseline / self.layers
 
     @property
     def layers(self) -> int:
@@ -151,12 +163,14 @@ class RecurrentDepthLM(CharacterLM):
     Config = RecurrentConfig
     presets = {
         # Prelude 1, core 2 (shared), coda 1 layers of width 64; Huginn's random K (mean 1 + 6)
-        # and truncated backprop through 3 passes; block-wise B = 1 (one denoiser, whole σ range).
+        # and truncated backprop through 3 passes; block-wise B = 1 (one denoiser, whole σ range),
+        # trained for the baseline's layer evaluations: 4× the steps, one core pass each.
         "recurrent-text": lambda: dict(model=RecurrentConfig(), blocks=1, gamma=0.0, e2e_steps=600,
                                        batch_size=32, warmup_e2e_steps=30, checkpoint_every=200),
         "recurrent-text-tiny": lambda: dict(
             model=RecurrentConfig(width=16, heads=2, seq_len=12, mean_recurrence=2, backprop_depth=1,
-                                  recurrence=3, eval_recurrences=(2, 3), eval_windows=4, sample_tokens=4),
+                                  recurrence=3, eval_recurrences=(2, 3), eval_windows=4, sample_tokens=4,
+                                  quality_prompts=0, quality_prompt_chars=4, quality_chars=4, evaluator="tiny"),
             blocks=1, gamma=0.0, e2e_steps=4, warmup_e2e_steps=1, batch_size=4, checkpoint_every=4, threads=1),
     }
 
@@ -218,6 +232,7 @@ class RecurrentDepthLM(CharacterLM):
         """One core pass on (c_in·z, e) at σ, then the readout: (D, logits). `layers` is the
         one block's range (every layer); only the core and coda run here."""
         cond = self.model.sigma_embed(sigma)
+        z_in = self.noisy_input(z, z_in, sigma)
         D = dx.denoise(self.core_pass(z_in, e, cond), z, sigma)
         return D, self.readout(D, cond)
 
@@ -248,16 +263,22 @@ class RecurrentDepthLM(CharacterLM):
     def next_logits(self, context, plan, mode, generator, steps=None):
         return self.logits(context, plan, mode, steps or self.options.recurrence, generator)[:, -1]
 
+    def num_steps(self, plan, steps: int | None = None) -> int:
+        return steps or self.options.recurrence
+
+    def denoiser_inputs(self, windows):
+        """(prelude features, ids of the targets) of `denoise` teacher-forced on `windows`."""
+        return self.prelude(windows[:, :-1]), windows[:, 1:]
+
     def finish(self, plan, mode, out_dir):
         metrics = self.proper_scores(plan, mode)  # at K = model.recurrence
         if mode == "blocks":
-            # The readout after each of the K = model.recurrence passes (the first one, at σ_max,
-            # is the model's predictive distribution; the chain then samples from it).
-            metrics["test_ce_by_level"], metrics["test_accuracy_by_level"] = self.metrics_by_level(plan, mode)
+            metrics["block_table"] = self.block_table(plan)  # one row per core pass
         for passes in self.options.eval_recurrences or ():
-            ce, accuracy = self.window_metrics(plan, mode, passes=passes)
-            metrics[f"test_ce_K{passes}"] = ce
-            metrics[f"test_accuracy_K{passes}"] = accuracy
+            scores = self.proper_scores(plan, mode, passes=passes)
+            if mode == "e2e":  # a likelihood and the argmax's accuracy exist end to end only
+                scores["test_ce"], scores["test_accuracy"] = self.window_metrics(plan, mode, passes=passes)
+            metrics.update({f"{name}_K{passes}": value for name, value in scores.items()})
+        metrics.update(self.generation_report(plan, mode))
         metrics.update(self.samples_for_report(plan, mode, out_dir))
         return metrics
-

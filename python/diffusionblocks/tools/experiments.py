@@ -41,7 +41,10 @@ def run_one(preset: str, name: str, overrides: dict, seed: int, out: str, thread
         return {**json.loads((run_dir / "report.json").read_text()), "reused": True}
     config = C.override(C.preset(preset), extra)
     for key, value in {"mode": "blocks", **overrides, "seed": seed, "threads": threads, "progress": False}.items():
-        setattr(config, key, value)
+        if key.startswith("model."):  # a task option, parsed as --set parses it
+            config = C.override(config, [f"{key}={str(value).lower() if isinstance(value, bool) else value}"])
+        else:
+            setattr(config, key, value)
     if run_dir.exists():  # a run that stopped part way: continue it
         return Trainer(config, run_dir).run(resume=(run_dir / "checkpoint").exists())
     return Trainer(config, run_dir).run()
@@ -120,16 +123,21 @@ def sweep(args, settings, seeds: dict[str, list[int]], first: tuple[str, ...], t
     return results, machine
 
 
+def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every sweep tool shares: parallel runs, threads, a subset, overrides."""
+    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (one torch thread each if > 1)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per run; 0 = 1 if jobs > 1")
+    parser.add_argument("--only", nargs="+", help="settings to run (default: all)")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="overrides for every run")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m diffusionblocks.tools.experiments", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="vit-digits")
     parser.add_argument("--out", default="results/digits")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (one torch thread each if > 1)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads per run; 0 = 1 if jobs > 1")
-    parser.add_argument("--only", nargs="+", help="settings to run (default: all)")
-    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="overrides for every run")
+    add_sweep_arguments(parser)
     args = parser.parse_args(argv)
     threads = args.threads or (1 if args.jobs > 1 else 0)
     settings = [s for s in SETTINGS if not args.only or s[0] in args.only]
