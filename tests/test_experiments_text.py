@@ -30,3 +30,19 @@ def test_the_text_comparison_runs_reuses_and_tabulates(tmp_path, monkeypatch, ca
     assert json.loads((tmp_path / "out" / "results.json").read_text())["machine"]["runs_reused"] == 5
     assert (tmp_path / "out" / "table.md").read_text().split("\n", 1)[1] == table.split("\n", 1)[1]
     capsys.readouterr()
+
+
+def test_the_recurrent_comparison_scores_mauve_at_every_k(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DIFFUSIONBLOCKS_CACHE", str(tmp_path / "cache"))
+    tiny = ["model.width=16", "model.heads=2", "model.seq_len=12", "model.mean_recurrence=2", "model.backprop_depth=1",
+            "model.recurrence=3", "model.eval_recurrences=2,3", "model.eval_windows=4", "model.sample_tokens=0",
+            "model.quality_prompts=8", "model.quality_prompt_chars=4", "model.quality_chars=4", "model.evaluator=tiny",
+            "e2e_steps=4", "warmup_e2e_steps=1", "batch_size=4", "checkpoint_every=4"]
+    out = tmp_path / "out"
+    experiments_text.main(["--preset", "recurrent-text", "--out", str(out), "--seeds", "0", "--threads", "1",
+                           "--only", "e2e (Huginn)", "blocks", "--mauve-per-k", "--set", *tiny])
+    by_k = json.loads((out / "mauve_by_K.json").read_text())
+    assert set(by_k) == {"e2e (Huginn)", "blocks"} and all(set(runs) == {"2", "3"} for runs in by_k.values())
+    table = (out / "table.md").read_text()
+    assert "| setting | K = 2 | K = 3 |" in table and "Brier K=3" in table
+    capsys.readouterr()

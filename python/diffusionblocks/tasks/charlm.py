@@ -1,22 +1,21 @@
 """What the two character-level LM tasks (ar.py, recurrent.py) share: the base class
 `CharacterLM` (the corpus and validation windows of text.py, the target y and the
-sampler's estimate of it, the validation metrics, greedy generation and `sample`), the
-checks of the config fields both have, and a counter of layer calls.
+sampler's estimate of it, the metrics, generation and `sample`), the checks of the config
+fields both have, and a counter of layer calls.
 
-Metrics (both modes, the same windows and the same predictions): character j of each
-validation window predicted from characters < j, j = 1..T−1: `test_ce` (nats per
-character) and `test_accuracy` on the held-out split of text.py; block-wise, from the
-readout of the last Euler level. Read them knowing what the chain is: a sampler. It ends
-on one character (the last readout puts probability ≈ 1 on it), so block-wise
-test_accuracy is the chance that a sample is right and test_ce that of a near one-hot
-guess. The model's predictive distribution p(x_i | x_<i) is the readout of the first
-level (σ_max, where z carries nothing): `test_ce_by_level[0]` in the report, which lists
-every level's readout.
-
-The score that compares the two modes like with like is in the report too (proper_scores):
-`test_brier`, the Brier score of next-character prediction, exact end to end and
-estimated without bias block-wise from two independent chains, and
-`test_sample_accuracy`, the chance that a sample is right in either mode."""
+Metrics, the same estimator in both modes (docs/measuring.md says how to read them):
+- teacher-forced, character j of each validation window predicted from characters < j:
+  `test_brier`, the Brier score (exact end to end; block-wise estimated without bias from
+  two independent chains, since the chain draws a sample rather than giving a
+  distribution) and `test_sample_accuracy`, the chance that a sample is right. End to end
+  also `test_ce` (nats per character) and `test_accuracy` of the argmax; block-wise there
+  is no likelihood to report.
+- generation: `mauve` (± `mauve_std`) of continuations of held-out prompts against the
+  true continuations, on the features of an evaluator LM (text_quality.py), for every
+  decoding, beside a reference row, evaluator bits per character, distinct-4 and entropy
+  (`generation` in the report).
+- block-wise, `block_table`: per level of the chain, whether its block adds anything to
+  what its noisy input already tells."""
 
 import time
 from pathlib import Path
@@ -140,22 +139,13 @@ def evidence(z: torch.Tensor, sigma: torch.Tensor, target_norm: float) -> torch.
 NOISY_INPUTS = ("evidence", "c_in")
 
 
-def recording(denoise, outputs: list):
-    """`denoise` (a chain's network evaluation), appending every level's logits to `outputs`."""
-    def denoise_and_record(*args):
-        D, logits = denoise(*args)
-        outputs.append(logits)
-        return D, logits
-    return denoise_and_record
-
-
 class CharacterLM:
-    """Corpus, validation metrics, greedy generation and `sample` for a character LM task.
-    A subclass defines `window_logits(windows, plan, mode, generator, normalized=None,
-    record=None)` -> [W, T−1, V] (position j predicts character j+1 of each window;
-    block-wise, `normalized` chooses the table E of the chain's estimate and `record`, a
-    list, receives every level's logits), `next_logits(context, plan, mode, generator,
-    steps)` -> [n, V] and `context_length(mode)`."""
+    """Corpus, metrics, generation and `sample` for a character LM task. A subclass defines
+    `window_logits(windows, plan, mode, generator, normalized=None)` -> [W, T−1, V]
+    (position j predicts character j+1 of each window; block-wise, `normalized` chooses the
+    table of the chain's estimate), `next_logits(context, plan, mode, generator, steps)`
+    -> [n, V], `context_length(mode)`, `num_steps(plan)` (the chain's levels) and
+    `denoiser_inputs(windows)` (what `denoise` reads, teacher-forced)."""
 
     level_name = "sigma"
 
@@ -188,18 +178,17 @@ class CharacterLM:
         return evidence(z, sigma, self.options.target_norm) if self.options.noisy_input == "evidence" else z_in
 
     def run_chain(self, plan, inputs: torch.Tensor, target_shape: tuple[int, ...], steps: int, generator,
-                  normalized: bool | None = None, record: list | None = None) -> torch.Tensor:
+                  normalized: bool | None = None) -> torch.Tensor:
         """The logits of the last level of the Euler chain over `steps` levels, the subclass's
-        `denoise` evaluating each. Between levels it hands on the expected target embedding
-        softmax(logits)·E (docs/method.md §6), over the normalised E unless `normalized`
-        (default: model.normalized_inference_embedding) says the raw one; `record`, a list,
-        receives every level's logits."""
+        `denoise` evaluating each. Between levels it hands on the expected target
+        r·softmax(logits)·Ê over the targets' own table (unit rows Ê scaled to the target norm
+        r, so the estimate is E[y] as the Euler step assumes), unless `normalized` (default:
+        model.normalized_inference_embedding) says the raw table."""
         if normalized is None:
             normalized = self.options.normalized_inference_embedding
         scale = self.options.target_norm if normalized else 1.0  # the targets' own table r·Ê
         to_estimate = lambda D, logits: scale * sampler.expected_embedding(logits, self.model.target_embed, normalized)  # noqa: E731
-        denoise = self.denoise if record is None else recording(self.denoise, record)
-        return sampler.denoise_chain(denoise, to_estimate, plan, inputs, target_shape, steps, generator,
+        return sampler.denoise_chain(self.denoise, to_estimate, plan, inputs, target_shape, steps, generator,
                                      self.options.inference_schedule)
 
     # --- evaluation -------------------------------------------------------------------------

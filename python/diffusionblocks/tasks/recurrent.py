@@ -22,15 +22,18 @@ single pass per step (no unrolling): z = y + σ·ε (one σ per sequence), the c
 [c_in·z ; e] conditioned on σ gives F, D = c_skip·z + c_out·F, logits = readout(D) (the
 coda and head conditioned on σ too), loss λ(σ)·CE. At inference each of the K passes is
 one Euler step along K noise levels (`sampler.denoise_chain`, σ_max -> σ_min, the
-expected embedding softmax(logits)·E between steps as for ViT), so inference with K
+expected target r·softmax(logits)·Ê between steps), so inference with K
 passes costs prelude + K·(core + coda) layer evaluations: the readout (coda) runs at
 every level because the Euler step needs the estimate it gives.
 
-Metrics: `test_ce`/`test_accuracy` at K = model.recurrence (block-wise, the readout of
-the last Euler level, which is a sample: see charlm.py), and in the report test_ce_K{K}
-for every K of model.eval_recurrences (default 4, 8, 16, 32), on the validation windows
-of charlm.py; block-wise also test_ce_by_level (the first level's readout, one pass at
-σ_max, is the model's predictive distribution)."""
+Budget: block-wise trains for the baseline's expected layer evaluations. A baseline step
+runs prelude + E[K]·core + coda layers (E[K] = 1 + mean_recurrence: 16 by default), a
+block-wise step prelude + core + coda (4), so block-wise takes 4× the steps
+(`block_steps_per_e2e_step`); at the plain rule of the other tasks it would train on a
+quarter of the baseline's compute.
+
+Metrics (charlm.py): at K = model.recurrence, and test_brier_K{K} / test_sample_accuracy_K{K}
+for every K of model.eval_recurrences (default 4, 8, 16, 32); end to end also test_ce_K{K}."""
 
 import contextlib
 import math
@@ -245,17 +248,15 @@ class RecurrentDepthLM(CharacterLM):
         return dx.weighted_cross_entropy(logits, targets, dx.loss_weight(sigma)), sigma
 
     # --- evaluation and generation --------------------------------------------------------------
-    def logits(self, tokens: torch.Tensor, plan, mode: str, passes: int, generator, normalized=None,
-               record=None) -> torch.Tensor:
+    def logits(self, tokens: torch.Tensor, plan, mode: str, passes: int, generator, normalized=None) -> torch.Tensor:
         """[N, T, V]: position j predicts character j + 1, after `passes` core passes."""
         e = self.prelude(tokens)
         if mode == "e2e":
             return self.recur(e, passes, generator)
-        return self.run_chain(plan, e, (tokens.shape[1], self.options.width), passes, generator, normalized, record)
+        return self.run_chain(plan, e, (tokens.shape[1], self.options.width), passes, generator, normalized)
 
-    def window_logits(self, windows, plan, mode, generator, passes=None, normalized=None, record=None):
-        return self.logits(windows[:, :-1], plan, mode, passes or self.options.recurrence, generator, normalized,
-                           record)
+    def window_logits(self, windows, plan, mode, generator, passes=None, normalized=None):
+        return self.logits(windows[:, :-1], plan, mode, passes or self.options.recurrence, generator, normalized)
 
     def context_length(self, mode: str) -> int:
         return self.options.seq_len - 1

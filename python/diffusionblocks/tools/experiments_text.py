@@ -15,7 +15,7 @@ import json
 import statistics
 from pathlib import Path
 
-from .experiments import add_sweep_arguments, mean_std, sweep
+from .experiments import add_sweep_arguments, mean_std, slug, sweep
 
 # (name, overrides, headline): headline rows run every seed, the others the first one.
 SETTINGS = {
@@ -127,12 +127,37 @@ def markdown(rows: list[dict], header: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def mauve_by_recurrence(results: dict[str, list[dict]], settings, out: Path) -> dict:
+    """Recurrent task: MAUVE of the like-for-like decoding at every K of the headline runs'
+    eval_recurrences (first seed, one sampling seed: generation costs K passes a character),
+    from their checkpoints. Cached in OUT/mauve_by_K.json."""
+    from ..cli import trained
+
+    path = out / "mauve_by_K.json"
+    cached = json.loads(path.read_text()) if path.exists() else {}
+    for name, _, headline in settings:
+        if not headline or name in cached:
+            continue
+        run_dir = out / slug(name) / f"seed{results[name][0]['seed']}"
+        trainer = trained(run_dir)
+        task, mode = trainer.task, trainer.config.mode
+        task.model.eval()
+        cached[name] = {
+            str(k): task.generation_report(trainer.plan, mode, steps=k, decodings=task.decodings(mode)[:1],
+                                           sampling_seeds=(0,))["mauve"]
+            for k in task.options.eval_recurrences}
+        path.write_text(json.dumps(cached, indent=2) + "\n")
+    return cached
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m diffusionblocks.tools.experiments_text", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="ar-text", choices=sorted(SETTINGS))
     parser.add_argument("--out", default=None, help="default: results/PRESET")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--mauve-per-k", action="store_true",
+                        help="recurrent task: also MAUVE at every K of the headline runs (slow: K passes a character)")
     add_sweep_arguments(parser)
     args = parser.parse_args(argv)
     args.out = Path(args.out or f"results/{args.preset}")
@@ -149,6 +174,13 @@ def main(argv=None):
               f"{machine['runs_executed_now']} run(s) now, {args.jobs} at a time, {machine['runs_reused']} reused.")
     rows = summarize(results, settings)
     table = markdown(rows, header)
+    if args.mauve_per_k:
+        by_k = mauve_by_recurrence(results, settings, args.out)
+        ks = sorted({int(k) for runs in by_k.values() for k in runs})
+        table += ("\nMAUVE at each number of core passes K (first seed, one sampling seed × 3 clustering seeds):\n\n"
+                  "| setting | " + " | ".join(f"K = {k}" for k in ks) + " |\n|---|" + "---|" * len(ks) + "\n"
+                  + "".join(f"| {name} | " + " | ".join(f"{runs[str(k)]:.3f}" for k in ks) + " |\n"
+                            for name, runs in by_k.items()))
     (args.out / "table.md").write_text(table)
     (args.out / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
     print(table)
