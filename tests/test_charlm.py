@@ -88,3 +88,17 @@ def test_decodings_choose_as_they_say():
     # The same generator state gives the same draws.
     again = [choose(logits[:50], "ancestral", torch.Generator().manual_seed(3)) for _ in range(2)]
     assert torch.equal(*again)
+
+
+@pytest.mark.parametrize("preset", ["ar-text-tiny", "recurrent-text-tiny"])
+@pytest.mark.parametrize("setting, message", [
+    ("model.quality_chars=13", "model.quality_chars: prompt and continuation (4 + 13) exceed the 16 characters"),
+    ("model.evaluator=huge", "model.evaluator: expected one of default, tiny, got 'huge'"),
+    ("model.noisy_input=raw", "model.noisy_input: expected one of evidence, c_in, got 'raw'"),
+    ("model.target_norm=0", "model.target_norm: expected > 0, got 0"),
+])
+def test_bad_text_options_name_the_field(tmp_path, capsys, preset, setting, message):
+    from diffusionblocks import cli
+
+    assert cli.main(["train", preset, "--out", str(tmp_path / "run"), "--set", setting]) == 2
+    assert message in capsys.readouterr().err

@@ -40,6 +40,13 @@ EVALUATORS = {"default": None, "tiny": dict(width=16, layers=1, heads=2, seq_len
 SAMPLING_SEEDS = (0, 1)  # generation seeds of the MAUVE pass (each scored with text_quality.SEEDS)
 
 
+def evaluator_config(options):
+    """The evaluator LM's config (text_quality.EvaluatorConfig) that model.evaluator names."""
+    from .text_quality import EvaluatorConfig
+
+    return EvaluatorConfig(**(EVALUATORS.get(options.evaluator) or {}))
+
+
 def check_text_options(options, config) -> list[tuple[bool, str]]:
     """The checks of the fields every character-LM config has."""
     return [
@@ -59,6 +66,9 @@ def check_text_options(options, config) -> list[tuple[bool, str]]:
          f"model.quality_prompt_chars: expected at least 1, got {options.quality_prompt_chars}"),
         (options.quality_chars >= 1, f"model.quality_chars: expected at least 1, got {options.quality_chars}"),
         one_of("model.evaluator", options.evaluator, EVALUATORS),
+        (options.quality_prompt_chars + options.quality_chars <= evaluator_config(options).seq_len,
+         f"model.quality_chars: prompt and continuation ({options.quality_prompt_chars} + {options.quality_chars}) "
+         f"exceed the {evaluator_config(options).seq_len} characters the evaluator LM reads"),
         one_of("model.noisy_input", options.noisy_input, NOISY_INPUTS),
     ]
 
@@ -328,8 +338,7 @@ class CharacterLM:
         if len(windows) < 2:
             return {}
         prompt_chars = self.options.quality_prompt_chars
-        config = text_quality.EvaluatorConfig(**(EVALUATORS[self.options.evaluator] or {}))
-        evaluator, _ = text_quality.load_or_train(self.corpus, config=config)  # trains it on first use
+        evaluator, _ = text_quality.load_or_train(self.corpus, config=evaluator_config(self.options))  # trains on first use
         by_decoding = {}
         decodings = decodings or self.decodings(mode)
         for decoding in decodings:
