@@ -169,6 +169,10 @@ def test_train_then_sample_from_the_command_line(tmp_path, capsys):
     assert cli.main(["sample", str(out), "--prompt", "\x00"]) == 2
     assert "prompt: characters not in the corpus vocabulary" in capsys.readouterr().err
 
+    for decoding in ("ancestral", "top-p"):
+        assert cli.main(args[:-2] + ["--decoding", decoding]) == 0
+        assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["decoding"] == decoding
+
 
 def test_config_errors_name_the_field():
     config = tiny(width=18, heads=2)  # head size 9: odd, no rotary pairs

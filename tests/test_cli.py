@@ -118,3 +118,12 @@ def test_sample_refuses_a_task_that_generates_nothing(tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(["sample", str(out)]) == 2
     assert capsys.readouterr().err.startswith("diffusionblocks: error: dir: the 'vit' task of")
+
+
+@pytest.mark.parametrize("preset, task", [("dit-digits-tiny", "dit"), ("mdm-text-tiny", "mdm")])
+def test_sample_refuses_a_decoding_where_there_is_none(tmp_path, capsys, preset, task):
+    out = tmp_path / "run"
+    assert cli.main(["train", preset, "--out", str(out), "--set", "e2e_steps=2", "progress=false"]) == 0
+    capsys.readouterr()
+    assert cli.main(["sample", str(out), "--decoding", "ancestral"]) == 2
+    assert capsys.readouterr().err.startswith(f"diffusionblocks: error: decoding: the {task} task")

@@ -54,6 +54,8 @@ def parser() -> argparse.ArgumentParser:
     sample.add_argument("--count", type=int, help="samples per class, or sequences")
     sample.add_argument("--prompt", help="text tasks: the prompt to continue")
     sample.add_argument("--tokens", type=int, help="text tasks: tokens to generate")
+    sample.add_argument("--decoding", choices=["greedy", "ancestral", "top-p"],
+                        help="autoregressive and recurrent LMs: how each character is chosen (default: greedy)")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--out", help="output file (default: in the run directory)")
     bench = commands.add_parser("bench", help="measure: `bench memory` (see bench memory --help)")
@@ -167,7 +169,8 @@ def sample(args) -> int:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ConfigError(f"{name}: expected at least 1, got {getattr(args, name)}")
     request = SampleRequest(steps=args.steps, sampler=args.sampler, cfg=args.cfg, label=args.label,
-                            count=args.count, prompt=args.prompt, tokens=args.tokens, seed=args.seed,
+                            count=args.count, prompt=args.prompt, tokens=args.tokens, decoding=args.decoding,
+                            seed=args.seed,
                             out=Path(args.out) if args.out else None, run_dir=run_dir)
     trainer.model.eval()
     with torch.no_grad():

@@ -55,6 +55,7 @@ class SampleRequest:
     count: int | None = None        # samples per class / sequences
     prompt: str | None = None       # text tasks: the prompt to continue
     tokens: int | None = None       # text tasks: how many tokens to generate
+    decoding: str | None = None     # autoregressive text tasks: "greedy", "ancestral" or "top-p"
     seed: int = 0
     out: Path | None = None         # where the task writes its samples (PNG, text); None: in run_dir
     run_dir: Path | None = None     # the run being sampled

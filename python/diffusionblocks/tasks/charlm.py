@@ -393,11 +393,11 @@ class CharacterLM:
         started = time.perf_counter()
         with LayerCallCounter(self.model.layers) as counter:
             ids = self.generate(plan, mode, prompt, tokens, count, torch.Generator().manual_seed(request.seed),
-                                request.steps)
+                                request.steps, request.decoding or "greedy")
         seconds = time.perf_counter() - started
         continuations = [self.corpus.decode(row[len(prompt):]) for row in ids]
         summary = {"prompt": prompt_text, "continuations": continuations, "tokens": tokens, "count": count,
-                   "seed": request.seed, "mode": mode, "layer_evals": counter.calls,
+                   "seed": request.seed, "mode": mode, "decoding": request.decoding or "greedy", "layer_evals": counter.calls,
                    "seconds": round(seconds, 3)}
         out = request.out or (Path(request.run_dir) / "samples-cli.txt" if request.run_dir else None)
         if out is not None:

@@ -212,6 +212,8 @@ class DiTGeneration:
     def sample(self, plan, mode, request):
         """`diffusionblocks sample DIR`: a grid (rows = classes) of request.count samples per class."""
         options = self.options
+        if request.decoding is not None:
+            raise ConfigError("decoding: the dit task generates images; it has no decoding")
         if request.label is not None and not 0 <= request.label < self.num_classes:
             raise ConfigError(f"class: expected 0..{self.num_classes - 1}, got {request.label}")
         steps = request.steps or options.sample_steps

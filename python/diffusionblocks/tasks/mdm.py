@@ -318,6 +318,8 @@ class MaskedDiffusion:
 
     def sample(self, plan, mode, request):
         T = self.options.seq_len
+        if request.decoding is not None:
+            raise ConfigError("decoding: the mdm task unmasks by its own sampler; it has no decoding")
         try:
             prompt = self.corpus.encode(request.prompt) if request.prompt else torch.empty(0, dtype=torch.int64)
         except ValueError as error:  # a character the corpus never had

@@ -32,6 +32,7 @@ SETTINGS = {
         ("blocks, c_in·z input", {"model.noisy_input": "c_in"}, False),
         ("blocks, no previous char", {"model.previous_char": False}, False),
         ("blocks, 5+1+1+1 layers", {"split": (5, 1, 1, 1)}, False),
+        ("blocks B=2", {"blocks": 2}, False),  # 4 layers a block: half the memory saving
     ],
     "recurrent-text": [
         ("e2e (Huginn)", {"mode": "e2e"}, True),
