@@ -83,7 +83,7 @@ class ARConfig:
     inference_schedule: str = "cdf"      # "cdf" (docs/method.md §5) or "karras" (ρ = 7)
     normalized_inference_embedding: bool = True
     target_norm: float = 0.25            # norm of the target y (charlm.py says why not 1)
-    noisy_input: str = "evidence"        # what the layers get of z: "evidence" or "c_in" (charlm.NOISY_INPUTS)
+    noisy_input: str = "c_in"            # what the layers get of z: "c_in" or "evidence" (charlm.NOISY_INPUTS)
     previous_char: bool = True           # the noisy token at p also carries character p − 1
     eval_windows: int = 256              # validation windows of seq_len characters
     sample_tokens: int = 200             # characters generated per prompt at the end of a run

@@ -25,11 +25,12 @@ SETTINGS = {
         # What one block's depth reaches end to end: the chain's predictive distribution comes
         # from its noisiest block (the per-block table shows it), 2 of the 8 layers.
         ("e2e, 2 layers", {"mode": "e2e", "model.layers": 2}, False),
-        # The recipe as the paper states it, then each of the three changes undone alone.
+        # The recipe as the paper states it, each of the two changes undone alone, and the
+        # input that reads z as evidence (charlm.evidence).
         ("blocks, paper's recipe", {"model.target_norm": 1.0, "model.noisy_input": "c_in",
                                     "model.previous_char": False}, False),
         ("blocks, target norm 1", {"model.target_norm": 1.0}, False),
-        ("blocks, c_in·z input", {"model.noisy_input": "c_in"}, False),
+        ("blocks, evidence input", {"model.noisy_input": "evidence"}, False),
         ("blocks, no previous char", {"model.previous_char": False}, False),
         ("blocks, 5+1+1+1 layers", {"split": (5, 1, 1, 1)}, False),
         ("blocks B=2", {"blocks": 2}, False),  # 4 layers a block: half the memory saving
