@@ -12,13 +12,13 @@ D = c_skip·z + c_out·F; logits = head(adaLN(D)); loss λ(σ)·CE over the T po
 (`weighted_cross_entropy`). Only block b's layers run; the clean stream enters every
 block as plain token embeddings.
 
-Three choices depart from the paper's recipe, each measured (docs/method.md §6): the
+Two choices depart from the paper's recipe, each measured (docs/method.md §6): the
 target norm 0.25 (with norm 1 the blocks below σ ≈ 0.5 read the answer off z and only
-copy); the noisy token's input is z's evidence z·r/(σ² + r²) (charlm.evidence) rather
-than c_in·z, which at high σ is unit-variance noise in the very stream that predicts;
-and noisy token i also carries the embedding of character i − 1 (model.previous_char),
-so its row computes as the end-to-end row i − 1 does instead of spending its first layer
-on fetching that character.
+copy), and noisy token i also carries the embedding of character i − 1
+(model.previous_char), so its row computes as the end-to-end row i − 1 does instead of
+spending its first layer on fetching that character. model.noisy_input=evidence feeds
+z·r/(σ² + r²) (charlm.evidence) in place of c_in·z: it helps the noisiest block alone,
+not the chain, so it is not the default.
 
 Generation (and the teacher-forced validation metrics): B Euler steps from σ_max·ε, each
 block once (`sampler.denoise_chain`, the expected target r·softmax(logits)·Ê between
