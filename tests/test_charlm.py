@@ -52,7 +52,8 @@ def test_both_modes_report_the_brier_score_and_the_sample_accuracy(tmp_path, pre
         assert metrics["test_brier"] == pytest.approx(total / count, rel=1e-6)
 
 
-def test_every_generation_metric_is_in_both_modes_reports(tmp_path):
+def test_every_generation_metric_is_in_both_modes_reports(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFFUSIONBLOCKS_CACHE", str(tmp_path / "cache"))  # the tiny evaluator, not in ~/.cache
     for task_preset in ("ar-text-tiny", "recurrent-text-tiny"):
         for mode in ("blocks", "e2e"):
             config = tiny_config(task_preset, mode=mode, quality_prompts=8)
