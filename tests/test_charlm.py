@@ -103,3 +103,14 @@ def test_bad_text_options_name_the_field(tmp_path, capsys, preset, setting, mess
 
     assert cli.main(["train", preset, "--out", str(tmp_path / "run"), "--set", setting]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("preset", ["ar-text-tiny", "recurrent-text-tiny"])
+@pytest.mark.parametrize("mode", ["blocks", "e2e"])
+def test_tied_target_embedding_uses_the_token_table(tmp_path, preset, mode):
+    trainer = Trainer(tiny_config(preset, mode=mode, tied_target_embedding=True), tmp_path)
+    task = trainer.task
+    assert task.model.target_embed is None and task.target_table() is task.model.token_embed.weight
+    tokens = torch.tensor([[1, 2]])
+    torch.testing.assert_close(task.target(tokens).norm(dim=-1), torch.full((1, 2), task.options.target_norm))
+    assert 0 <= trainer.run()["metrics"]["test_brier"] <= 2

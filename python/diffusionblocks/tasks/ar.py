@@ -83,6 +83,7 @@ class ARConfig:
     inference_schedule: str = "cdf"      # "cdf" (docs/method.md §5) or "karras" (ρ = 7)
     normalized_inference_embedding: bool = True
     target_norm: float = 0.25            # norm of the target y (charlm.py says why not 1)
+    tied_target_embedding: bool = False  # the targets use the clean tokens' embedding table
     noisy_input: str = "c_in"            # what the layers get of z: "c_in" or "evidence" (charlm.NOISY_INPUTS)
     previous_char: bool = True           # the noisy token at p also carries character p − 1
     eval_windows: int = 256              # validation windows of seq_len characters
@@ -106,7 +107,8 @@ class ARModel(nn.Module):
         width = options.width
         # Shared modules (used by every block).
         self.token_embed = nn.Embedding(vocab_size, width)                 # clean stream
-        self.target_embed = nn.Parameter(torch.randn(vocab_size, width))   # y = normalize(E[token])
+        # y = normalize(E[token]); with model.tied_target_embedding E is token_embed's table
+        self.target_embed = None if options.tied_target_embedding else nn.Parameter(torch.randn(vocab_size, width))
         self.noisy_embed = nn.Parameter(0.02 * torch.randn(width))         # marks the noisy stream
         self.e2e_cond = nn.Parameter(torch.randn(1, width))  # end-to-end only: stands in for the σ-embedding
         self.sigma_embed = LevelEmbedder(width, dx.c_noise)

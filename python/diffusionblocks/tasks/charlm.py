@@ -178,10 +178,16 @@ class CharacterLM:
     def no_weight_decay(self):
         return set()
 
-    # --- the target y and the sampler's estimate of it (model.target_embed: [V, d]) -------------
+    # --- the target y and the sampler's estimate of it ---------------------------------------
+    def target_table(self) -> torch.Tensor:
+        """E [V, d], the learned target embeddings: model.target_embed, or with
+        model.tied_target_embedding the clean tokens' table."""
+        m = self.model
+        return m.token_embed.weight if self.options.tied_target_embedding else m.target_embed
+
     def target(self, tokens: torch.Tensor) -> torch.Tensor:
         """y: the target embedding of each token, L2-normalised to model.target_norm."""
-        return self.options.target_norm * F.normalize(self.model.target_embed[tokens], dim=-1)
+        return self.options.target_norm * F.normalize(self.target_table()[tokens], dim=-1)
 
     def noisy_input(self, z: torch.Tensor, z_in: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """What the layers read of the noisy target: c_in·z (z_in, as given) or `evidence`."""
@@ -197,7 +203,7 @@ class CharacterLM:
         if normalized is None:
             normalized = self.options.normalized_inference_embedding
         scale = self.options.target_norm if normalized else 1.0  # the targets' own table r·Ê
-        to_estimate = lambda D, logits: scale * sampler.expected_embedding(logits, self.model.target_embed, normalized)  # noqa: E731
+        to_estimate = lambda D, logits: scale * sampler.expected_embedding(logits, self.target_table(), normalized)  # noqa: E731
         return sampler.denoise_chain(self.denoise, to_estimate, plan, inputs, target_shape, steps, generator,
                                      self.options.inference_schedule)
 
@@ -270,7 +276,7 @@ class CharacterLM:
         inputs, ids = self.denoiser_inputs(batch)
         targets = batch[:, 1:]
         y = self.target(ids)
-        table = F.normalize(self.model.target_embed, dim=-1) * self.options.target_norm
+        table = F.normalize(self.target_table(), dim=-1) * self.options.target_norm
         rows, previous = [], None
         for sigma_value in schedule.INFERENCE_SCHEDULES[self.options.inference_schedule](
                 self.num_steps(plan)).tolist():

@@ -68,6 +68,7 @@ class RecurrentConfig:
     inference_schedule: str = "cdf"      # block-wise: the K noise levels, "cdf" or "karras"
     normalized_inference_embedding: bool = True
     target_norm: float = 1.0             # norm of the target y (charlm.py)
+    tied_target_embedding: bool = False  # the targets use the clean tokens' embedding table
     noisy_input: str = "c_in"            # what the core gets of z: "c_in" or "evidence" (charlm.NOISY_INPUTS)
     eval_windows: int = 256
     sample_tokens: int = 200
@@ -131,7 +132,8 @@ class RecurrentModel(nn.Module):
         super().__init__()
         width = options.width
         self.token_embed = nn.Embedding(vocab_size, width)
-        self.target_embed = nn.Parameter(torch.randn(vocab_size, width))  # blocks: y = normalize(E[next])
+        # blocks: y = normalize(E[next]); with model.tied_target_embedding E is token_embed's table
+        self.target_embed = None if options.tied_target_embedding else nn.Parameter(torch.randn(vocab_size, width))
         self.constant_cond = nn.Parameter(torch.randn(1, width))  # σ-free layers' conditioning vector
         self.sigma_embed = LevelEmbedder(width, dx.c_noise)       # blocks: core and readout on σ
         self.prelude_norm = RMSNorm(width)

@@ -33,6 +33,7 @@ SETTINGS = {
         ("blocks, evidence input", {"model.noisy_input": "evidence"}, False),
         ("blocks, no previous char", {"model.previous_char": False}, False),
         ("blocks, 5+1+1+1 layers", {"split": (5, 1, 1, 1)}, False),
+        ("blocks, tied embedding", {"model.tied_target_embedding": True}, False),  # one table, as the paper words it
         # 4 layers a block (half the memory saving). Its chain needs levels between σ_max and
         # σ_min to draw a sample: with N = B = 2 the Euler step from σ_max lands on the
         # expected target and the last level returns its nearest character, greedy decoding.
