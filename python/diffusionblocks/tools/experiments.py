@@ -29,7 +29,7 @@ SETTINGS = [
 
 
 def slug(name: str) -> str:
-    return name.replace(" ", "_").replace("=", "").replace("γ", "gamma")
+    return name.replace(" ", "_").replace("=", "").replace("γ", "gamma").replace("/", "-")
 
 
 def run_one(preset: str, name: str, overrides: dict, seed: int, out: str, threads: int,
