@@ -415,14 +415,17 @@ class CharacterLM:
         return summary
 
     def samples_for_report(self, plan, mode, out_dir) -> dict:
-        """Greedy continuations of the default prompts, written to out_dir/samples.txt."""
+        """Continuations of the default prompts by the like-for-like decoding (the chain
+        block-wise, a draw at temperature 1 end to end), written to out_dir/samples.txt."""
         if self.options.sample_tokens == 0:
             return {}
+        decoding = self.decodings(mode)[0]
         samples, lines, layer_evals, seconds = [], [], 0, 0.0
-        for seed, prompt in enumerate(self.default_prompts()):  # independent starting noise per prompt
-            summary = self.sample(plan, mode, SampleRequest(prompt=prompt, seed=seed))
+        for seed, prompt in enumerate(self.default_prompts()):  # independent draws per prompt
+            summary = self.sample(plan, mode, SampleRequest(prompt=prompt, seed=seed, decoding=decoding))
             samples.append({"prompt": prompt, "continuation": summary["continuations"][0]})
-            lines.append(f"--- prompt ---\n{prompt}\n--- continuation ({mode}) ---\n{summary['continuations'][0]}\n")
+            lines.append(f"--- prompt ---\n{prompt}\n--- continuation ({mode}, {decoding}) ---\n"
+                         f"{summary['continuations'][0]}\n")
             layer_evals += summary["layer_evals"]
             seconds += summary["seconds"]
         if out_dir is not None:
