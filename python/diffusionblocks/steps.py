@@ -46,8 +46,13 @@ def learning_rate(config, step: int) -> float:
     if config.block_schedule == "sequential" and config.num_blocks > 1:
         _, start, end = sequential_segment(config, step)
         warmup = config.warmup_e2e_steps
-    local, length = step - start, end - start
-    if local < warmup:
-        return config.lr * (local + 1) / warmup
-    progress = (local - warmup) / max(1, length - warmup)
-    return config.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    return config.lr * warmup_cosine(step - start, end - start, warmup)
+
+
+def warmup_cosine(step: int, length: int, warmup: int) -> float:
+    """The factor of the peak learning rate at `step` of `length`: linear warm-up over
+    `warmup` steps, then cosine decay to 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, length - warmup)
+    return 0.5 * (1 + math.cos(math.pi * progress))

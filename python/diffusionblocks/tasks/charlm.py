@@ -28,23 +28,21 @@ import diffusionblocks_ext as dx
 from .. import sampler, schedule
 from ..errors import ConfigError, one_of
 from ..task import SampleRequest, device_of
-from . import text
+from . import text, text_quality
 
 EVAL_SEED = 0        # the sampler's starting noise at evaluation: fixed, so evaluation is repeatable
 EVAL_BATCH = 64      # validation windows per forward pass
 SAMPLE_PROMPTS = 3   # prompts for the samples at the end of a run: the starts of validation chunks
 PROMPT_LENGTH = 40
 # The evaluator LM of the MAUVE pass (text_quality.py): "tiny" is for tests only.
-EVALUATORS = {"default": None, "tiny": dict(width=16, layers=1, heads=2, seq_len=16, batch_size=4, steps=4,
-                                              warmup_steps=1)}
+EVALUATORS = {"default": {}, "tiny": dict(width=16, layers=1, heads=2, seq_len=16, batch_size=4, steps=4,
+                                            warmup_steps=1)}
 SAMPLING_SEEDS = (0, 1)  # generation seeds of the MAUVE pass (each scored with text_quality.SEEDS)
 
 
-def evaluator_config(options):
-    """The evaluator LM's config (text_quality.EvaluatorConfig) that model.evaluator names."""
-    from .text_quality import EvaluatorConfig
-
-    return EvaluatorConfig(**(EVALUATORS.get(options.evaluator) or {}))
+def evaluator_config(options) -> text_quality.EvaluatorConfig:
+    """The evaluator LM's config that model.evaluator names."""
+    return text_quality.EvaluatorConfig(**EVALUATORS.get(options.evaluator, {}))
 
 
 def check_text_options(options, config) -> list[tuple[bool, str]]:
@@ -276,7 +274,7 @@ class CharacterLM:
         inputs, ids = self.denoiser_inputs(batch)
         targets = batch[:, 1:]
         y = self.target(ids)
-        table = F.normalize(self.target_table(), dim=-1) * self.options.target_norm
+        table = self.target(torch.arange(len(self.target_table()), device=batch.device))  # every y, [V, d]
         rows, previous = [], None
         for sigma_value in schedule.INFERENCE_SCHEDULES[self.options.inference_schedule](
                 self.num_steps(plan)).tolist():
@@ -338,13 +336,12 @@ class CharacterLM:
         and cached), for each decoding and SAMPLING_SEEDS; the headline is `mauve` (mean ±
         `mauve_std` over sampling and clustering seeds) of the like-for-like decoding. `steps`
         (Euler levels, or the recurrent task's K) and `decodings` default to the task's."""
-        from . import text_quality
-
         windows = self.quality_windows()
         if len(windows) < 2:
             return {}
         prompt_chars = self.options.quality_prompt_chars
         evaluator, _ = text_quality.load_or_train(self.corpus, config=evaluator_config(self.options))  # trains on first use
+        refs = text_quality.measure_references(evaluator, windows, prompt_chars)  # once for every decoding
         by_decoding = {}
         decodings = decodings or self.decodings(mode)
         for decoding in decodings:
@@ -353,22 +350,19 @@ class CharacterLM:
             for seed in seeds:
                 generated = self.generate(plan, mode, windows[:, :prompt_chars], self.options.quality_chars,
                                           len(windows), torch.Generator().manual_seed(seed), steps, decoding)
-                runs.append(text_quality.generation_quality(evaluator, generated, windows, prompt_chars))
+                runs.append(text_quality.continuation_quality(evaluator, generated, refs))
             scores = [value for run in runs for value in run["mauve_by_seed"]]
-            summary = {"mauve_mean": sum(scores) / len(scores),
-                       "mauve_std": torch.tensor(scores, dtype=torch.float64).std(unbiased=False).item(),
-                       "mauve_by_seed": scores, "sampling_seeds": list(seeds)}
+            mauve_mean, mauve_std = text_quality.mean_std(scores)
+            summary = {"mauve_mean": mauve_mean, "mauve_std": mauve_std, "mauve_by_seed": scores,
+                       "sampling_seeds": list(seeds)}
             for name in ("evaluator_bpc", "distinct4", "unigram_entropy_bits"):
                 summary[name] = sum(run[name] for run in runs) / len(runs)
             by_decoding[decoding] = summary
-        headline, last = by_decoding[decodings[0]], runs[-1]
-        reference = {"mauve_mean": last["mauve_reference_mean"], "mauve_std": last["mauve_reference_std"],
-                     "evaluator_bpc": last["reference_bpc"], "distinct4": last["reference_distinct4"],
-                     "unigram_entropy_bits": last["reference_unigram_entropy_bits"]}
+        headline = by_decoding[decodings[0]]
         return {"mauve": headline["mauve_mean"], "mauve_std": headline["mauve_std"],
                 "generation": {"prompts": len(windows), "prompt_chars": prompt_chars,
                                "continuation_chars": self.options.quality_chars, "by_decoding": by_decoding,
-                               "reference": reference}}
+                               "reference": refs.row}}
 
     def default_prompts(self) -> list[str]:
         """The starts of the first validation chunks: held-out text the model never saw."""

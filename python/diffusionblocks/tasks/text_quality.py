@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..steps import warmup_cosine
 from . import text
 from .layers import LlamaLayer, RMSNorm, rotary_tables
 
@@ -154,30 +155,20 @@ def train(train_ids: torch.Tensor, vocab_size: int, config: EvaluatorConfig = Ev
         torch.manual_seed(config.seed)
         model = EvaluatorLM.from_config(vocab_size, config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-
-    def lr_factor(step: int) -> float:
-        if step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
-        progress = (step - config.warmup_steps) / (config.steps - config.warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * progress))
-
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, config.steps, config.warmup_steps))
     model.train()
     with torch.enable_grad():  # callable from inside an evaluation's no_grad
-        _train_steps(model, optimizer, schedule, train_ids, vocab_size, config, generator)
+        for _ in range(config.steps):
+            batch = text.train_batch(train_ids, config.batch_size, config.seq_len, generator)
+            logits = model.logits(batch)[:, :-1]
+            loss = F.cross_entropy(logits.reshape(-1, vocab_size), batch[:, 1:].reshape(-1))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            schedule.step()
     return model.eval()
-
-
-def _train_steps(model, optimizer, schedule, train_ids, vocab_size, config, generator) -> None:
-    for _ in range(config.steps):
-        batch = text.train_batch(train_ids, config.batch_size, config.seq_len, generator)
-        logits = model.logits(batch)[:, :-1]
-        loss = F.cross_entropy(logits.reshape(-1, vocab_size), batch[:, 1:].reshape(-1))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        schedule.step()
 
 
 # --- the cache ----------------------------------------------------------------------------------
@@ -357,50 +348,85 @@ def _quiet_stderr():
         os.close(saved)
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
+def mean_std(values: list[float]) -> tuple[float, float]:
     """Mean and population standard deviation (0 for one value, never NaN)."""
     a = np.asarray(values, dtype=np.float64)
     return float(a.mean()), float(a.std())
 
 
-def generation_quality(model: EvaluatorLM, prompts_and_continuations: torch.Tensor, references: torch.Tensor,
-                       prompt_length: int, seeds=SEEDS) -> dict:
-    """Every metric of the module docstring, as plain floats (and one list), JSON-ready.
-
-    prompts_and_continuations [n, P + C] int64: the prompts and the model's continuations;
-    references [n, P + C]: the same prompts (or others from the corpus) with the true text
-    after them; prompt_length P. MAUVE is computed once per clustering seed; the reference
-    row compares the first half of the references' rows with the second (n/2 samples each,
-    so a ceiling at half the sample size; shuffle references whose order means something,
-    e.g. consecutive windows of one document)."""
-    generated, real = prompts_and_continuations, references
-    check_ids(model, generated, "prompts_and_continuations")
-    check_ids(model, real, "references")
-    if real.shape != generated.shape:
-        raise ValueError(f"references: expected the shape of prompts_and_continuations {tuple(generated.shape)}, "
-                         f"got {tuple(real.shape)}")
-    if not 1 <= prompt_length < generated.shape[1]:
-        raise ValueError(f"prompt_length: expected 1 <= P < L={generated.shape[1]}, got {prompt_length}")
-    if len(real) < 2:
-        raise ValueError(f"references: expected at least 2 rows (the reference MAUVE splits them), got {len(real)}")
+def _check_seeds(seeds) -> list[int]:
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise ValueError("seeds: expected at least one clustering seed")
+    return seeds
 
-    P = prompt_length
-    generated_features, real_features = features(model, generated, P), features(model, real, P)
-    half = len(real) // 2
-    by_seed = [mauve(generated_features, real_features, s) for s in seeds]
-    reference_by_seed = [mauve(real_features[:half], real_features[half:2 * half], s) for s in seeds]
-    mauve_mean, mauve_std = _mean_std(by_seed)
-    reference_mean, reference_std = _mean_std(reference_by_seed)
-    return {
-        "mauve_mean": mauve_mean, "mauve_std": mauve_std, "mauve_by_seed": by_seed,
-        "mauve_reference_mean": reference_mean, "mauve_reference_std": reference_std,
-        "evaluator_bpc": bits_per_character(model, generated, P),
-        "reference_bpc": bits_per_character(model, real, P),
-        "distinct4": distinct_n(generated[:, P:], 4),
-        "reference_distinct4": distinct_n(real[:, P:], 4),
-        "unigram_entropy_bits": unigram_entropy(generated[:, P:]),
-        "reference_unigram_entropy_bits": unigram_entropy(real[:, P:]),
-    }
+
+def _text_figures(model: EvaluatorLM, ids: torch.Tensor, P: int) -> dict[str, float]:
+    """The evaluator's bits per character and the diversity of characters P.. of ids."""
+    return {"evaluator_bpc": bits_per_character(model, ids, P), "distinct4": distinct_n(ids[:, P:], 4),
+            "unigram_entropy_bits": unigram_entropy(ids[:, P:])}
+
+
+@dataclass
+class References:
+    """The true continuations, measured once for every set of generations judged against
+    them: their features (MAUVE's space) and their own row (`row`: MAUVE of one half of
+    them against the other, a ceiling at half the sample size, and _text_figures)."""
+    ids: torch.Tensor
+    prompt_length: int
+    features: torch.Tensor
+    row: dict
+
+
+def measure_references(model: EvaluatorLM, ids: torch.Tensor, prompt_length: int, seeds=SEEDS) -> References:
+    """References of ids [n, P + C] (prompts and their true continuations), n >= 2. The
+    reference row splits the rows into halves in order: shuffle references whose order
+    means something (e.g. consecutive windows of one document)."""
+    check_ids(model, ids, "references")
+    if not 1 <= prompt_length < ids.shape[1]:
+        raise ValueError(f"prompt_length: expected 1 <= P < L={ids.shape[1]}, got {prompt_length}")
+    if len(ids) < 2:
+        raise ValueError(f"references: expected at least 2 rows (the reference MAUVE splits them), got {len(ids)}")
+    seeds = _check_seeds(seeds)
+    real = features(model, ids, prompt_length)
+    half = len(ids) // 2
+    by_seed = [mauve(real[:half], real[half:2 * half], s) for s in seeds]
+    mauve_mean, mauve_std = mean_std(by_seed)
+    row = {"mauve_mean": mauve_mean, "mauve_std": mauve_std, **_text_figures(model, ids, prompt_length)}
+    return References(ids, prompt_length, real, row)
+
+
+def continuation_quality(model: EvaluatorLM, prompts_and_continuations: torch.Tensor, refs: References,
+                         seeds=SEEDS) -> dict:
+    """MAUVE (per clustering seed, mean and population std) of generations [n, P + C] against
+    `refs`, beside their _text_figures; plain floats, JSON-ready."""
+    generated = prompts_and_continuations
+    check_ids(model, generated, "prompts_and_continuations")
+    if refs.ids.shape != generated.shape:
+        raise ValueError(f"references: expected the shape of prompts_and_continuations {tuple(generated.shape)}, "
+                         f"got {tuple(refs.ids.shape)}")
+    generated_features = features(model, generated, refs.prompt_length)
+    by_seed = [mauve(generated_features, refs.features, s) for s in _check_seeds(seeds)]
+    mauve_mean, mauve_std = mean_std(by_seed)
+    return {"mauve_mean": mauve_mean, "mauve_std": mauve_std, "mauve_by_seed": by_seed,
+            **_text_figures(model, generated, refs.prompt_length)}
+
+
+def generation_quality(model: EvaluatorLM, prompts_and_continuations: torch.Tensor, references: torch.Tensor,
+                       prompt_length: int, seeds=SEEDS) -> dict:
+    """Every metric of the module docstring for one set of generations, as plain floats
+    (and one list): continuation_quality, and the references' row with the keys prefixed
+    (`reference_bpc`, `reference_distinct4`, `reference_unigram_entropy_bits`,
+    `mauve_reference_mean`/`_std`). To judge several sets against the same references,
+    measure them once with `measure_references` and call continuation_quality."""
+    check_ids(model, prompts_and_continuations, "prompts_and_continuations")
+    check_ids(model, references, "references")
+    if references.shape != prompts_and_continuations.shape:
+        raise ValueError(f"references: expected the shape of prompts_and_continuations "
+                         f"{tuple(prompts_and_continuations.shape)}, got {tuple(references.shape)}")
+    refs = measure_references(model, references, prompt_length, seeds)
+    row = refs.row
+    return {**continuation_quality(model, prompts_and_continuations, refs, seeds),
+            "mauve_reference_mean": row["mauve_mean"], "mauve_reference_std": row["mauve_std"],
+            "reference_bpc": row["evaluator_bpc"], "reference_distinct4": row["distinct4"],
+            "reference_unigram_entropy_bits": row["unigram_entropy_bits"]}
