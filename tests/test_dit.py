@@ -11,7 +11,8 @@ import torch
 
 import diffusionblocks_ext as dx
 from diffusionblocks import cli, sampler, schedule
-from diffusionblocks.tasks import digits, evaluator
+from diffusionblocks.tasks import evaluator
+from diffusionblocks.tasks.data import digits
 from diffusionblocks import config as C
 from diffusionblocks.tasks.dit import DiTGeneration
 from diffusionblocks.tasks.layers import patchify, unpatchify
@@ -42,10 +43,11 @@ def judge(tmp_path_factory):
 
 def test_the_target_is_the_image_scaled_to_sigma_data_and_back():
     task = tiny_task()
-    y = task.to_target(task.data.train_images)
+    pixels = task.data.pixels(task.data.train_images)
+    y = task.to_target(pixels)
     assert y.std().item() == pytest.approx(dx.SIGMA_DATA, rel=1e-4)
     assert y.mean().item() == pytest.approx(0.0, abs=1e-5)
-    assert torch.allclose(task.to_images(y), task.data.train_images, atol=1e-6)
+    assert torch.allclose(task.to_images(y), pixels, atol=1e-6)
 
 
 def test_unpatchify_inverts_patchify():
@@ -176,7 +178,7 @@ def test_each_evaluation_runs_the_block_owning_its_sigma_and_block_wise_costs_b_
 def test_the_evaluator_classifies_real_test_digits(judge):
     model, _ = judge
     dataset = digits.load()
-    assert evaluator.accuracy(model, dataset.test_images, dataset.test_labels) >= 0.95
+    assert evaluator.accuracy(model, dataset.pixels(dataset.test_images), dataset.test_labels) >= 0.95
 
 
 def test_frechet_distance_matches_the_closed_form():

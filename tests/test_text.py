@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from diffusionblocks.tasks import text
+from diffusionblocks.tasks.data import text
 
 
 def test_default_corpus_is_real_text_split_about_nine_to_one():

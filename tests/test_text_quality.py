@@ -10,7 +10,7 @@ from dataclasses import asdict, replace
 import pytest
 import torch
 
-from diffusionblocks.tasks import text
+from diffusionblocks.tasks.data import text
 from diffusionblocks.tasks import text_quality as tq
 
 TINY = tq.EvaluatorConfig(width=16, layers=1, heads=2, seq_len=16, batch_size=8, steps=80, warmup_steps=5, lr=1e-2)

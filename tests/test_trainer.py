@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusionblocks.systems import checkpoint
 from diffusionblocks import config as C, steps
-from diffusionblocks.tasks import digits
+from diffusionblocks.tasks.data import images
 from diffusionblocks.systems.logs import MetricsLog
 from diffusionblocks.train import Trainer
 
@@ -30,7 +30,8 @@ def record_layer_calls(trainer: Trainer) -> list[int]:
 
 
 def predict(trainer: Trainer, n: int) -> torch.Tensor:
-    return trainer.task.predict(trainer.task.data.test_images[:n], trainer.plan, trainer.config.mode)
+    data = trainer.task.data
+    return trainer.task.predict(data.pixels(data.test_images[:n]), trainer.plan, trainer.config.mode)
 
 
 def snapshot(model) -> dict[str, torch.Tensor]:
@@ -88,7 +89,7 @@ def fixed_loss(trainer: Trainer) -> float:
     with torch.no_grad():
         for block in range(trainer.plan.num_blocks):
             generator = torch.Generator().manual_seed(1234 + block)
-            batch = digits.train_batch(trainer.task.data, 0, 256, 99, 0, generator)
+            batch = images.train_batch(trainer.task.data, 0, 256, 99, 0, False, generator)
             total += trainer.forward_loss(block, batch, generator)[0].item()
     return total
 

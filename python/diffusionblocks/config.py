@@ -41,6 +41,8 @@ class TrainConfig:
                                          # (GPU -> host memory) or "disk" (CPU -> memory-mapped files)
     activation_checkpointing: bool = False  # recompute each layer in backward (torch.utils.checkpoint)
     e2e_steps: int = 1200                # end-to-end steps; block-wise runs as many layer evaluations (B× the steps)
+    e2e_epochs: float = 0                # > 0: the budget in passes over the training set instead, end to end
+                                         # (e2e_steps is then set from the task's epoch size when the run starts)
     steps: int = 0                       # 0: the budget above; else an explicit step count
     batch_size: int = 128
     lr: float = 3e-3
@@ -168,6 +170,7 @@ def validate(config: TrainConfig) -> TrainConfig:
          f"model: expected the options of task {config.task!r}, got {type(config.model).__name__}")
     config.model.check(config)
     need(config.e2e_steps >= 1, f"e2e_steps: expected at least 1, got {config.e2e_steps}")
+    need(config.e2e_epochs >= 0, f"e2e_epochs: expected >= 0 (0 = use e2e_steps), got {config.e2e_epochs:g}")
     need(config.steps >= 0, f"steps: expected >= 0 (0 = the layer evaluations of e2e_steps), got {config.steps}")
     need(config.batch_size >= 1, f"batch_size: expected at least 1, got {config.batch_size}")
     need(config.lr > 0, f"lr: expected > 0, got {config.lr:g}")

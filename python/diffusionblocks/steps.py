@@ -12,6 +12,13 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed << 32) + step)
 
 
+def seed_global_rng(seed: int, step: int) -> None:
+    """Seeds torch's global generators (CPU and every GPU) for step `step`: what dropout
+    draws from. The task's own draws come from step_generator; this seed is derived
+    without drawing from it, so models without dropout are unaffected."""
+    torch.manual_seed(((seed << 32) + step) ^ 0x5DEECE66D)
+
+
 def sequential_segment(config, step: int) -> tuple[int, int, int]:
     """(block, first step, end step) of the segment holding `step` when blocks train one
     after another (block_schedule=sequential): the steps cut into B equal segments."""

@@ -26,7 +26,7 @@ from tqdm import tqdm
 import diffusionblocks_ext as dx
 
 from . import steps
-from .config import TrainConfig, to_dict, validate
+from .config import ConfigError, TrainConfig, to_dict, validate
 from .optim import block_optimizers, set_learning_rate, shared_optimizer_key
 from .systems import checkpoint
 from .systems.devices import place_model, training_device
@@ -56,6 +56,14 @@ def recompute_in_backward(layers: torch.nn.ModuleList) -> None:
         layer.forward = lambda *args, forward=forward: checkpoint_layer(forward, *args, use_reentrant=False)
 
 
+def epochs_to_steps(config: TrainConfig, task) -> int:
+    """End-to-end steps of config.e2e_epochs passes over the task's training set (at least 1)."""
+    size = getattr(task, "examples_per_epoch", None)
+    if size is None:
+        raise ConfigError(f"e2e_epochs: the {config.task!r} task has no epoch size; set e2e_steps instead")
+    return max(1, round(config.e2e_epochs * size() / config.batch_size))
+
+
 class Trainer:
     def __init__(self, config: TrainConfig, out_dir=None):
         self.config = validate(config)
@@ -67,6 +75,8 @@ class Trainer:
         self.device = training_device(config, self.parallel)
         torch.manual_seed(config.seed)  # the initial weights: drawn on the CPU, the same on any device
         self.task = TASKS[config.task](config.model)
+        if config.e2e_epochs:
+            config.e2e_steps = epochs_to_steps(config, self.task)
         self.model = self.task.model
         self.plan = config.partition_plan()
         host_offload = config.offload == "cpu" and config.mode == "blocks"
@@ -103,6 +113,7 @@ class Trainer:
         """Step `step` of the run: its block, batch and noise all come from its own generator.
         None when block-parallel and another process owns the block."""
         generator = steps.step_generator(self.config.seed, step)
+        steps.seed_global_rng(self.config.seed, step)
         block = steps.choose_block(self.config, step, generator)
         if self.parallel is not None and not self.parallel.owns(block):
             return None

@@ -28,7 +28,8 @@ import diffusionblocks_ext as dx
 from .. import sampler, schedule
 from ..errors import ConfigError, one_of
 from ..task import SampleRequest, device_of
-from . import text, text_quality
+from . import text_quality
+from .data import text
 
 EVAL_SEED = 0        # the sampler's starting noise at evaluation: fixed, so evaluation is repeatable
 EVAL_BATCH = 64      # validation windows per forward pass

@@ -117,21 +117,24 @@ class Attention(nn.Module):
 class TransformerLayer(nn.Module):
     """x + gate·Attn(modulate(LN(x))), then x + gate·MLP(modulate(LN(x))); shift, scale and
     gate come from the conditioning vector cond [N, d]. Bidirectional; `rotary`: rotary
-    positions in the attention (positions 0..T−1)."""
+    positions in the attention (positions 0..T−1). The MLP has mlp_hidden units (0 = mlp_ratio × width)."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: int = 4, rotary: bool = False):
+    def __init__(self, width: int, heads: int, mlp_ratio: int = 4, rotary: bool = False,
+                 mlp_hidden: int = 0, dropout: float = 0.0):
         super().__init__()
+        hidden = mlp_hidden or mlp_ratio * width
         self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(width, heads, rotary=rotary)
         self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.mlp = nn.Sequential(nn.Linear(width, mlp_ratio * width), nn.GELU(approximate="tanh"),
-                                 nn.Linear(mlp_ratio * width, width))
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
         self.modulation = zero_init_modulation(width, 6)
+        # On each branch's output, where a ViT puts its hidden dropout; identity at 0.
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(cond).chunk(6, dim=-1)
-        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1))
-        return x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        x = x + gate1.unsqueeze(1) * self.dropout(self.attn(modulate(self.norm1(x), shift1, scale1)))
+        return x + gate2.unsqueeze(1) * self.dropout(self.mlp(modulate(self.norm2(x), shift2, scale2)))
 
 
 class RMSNorm(nn.Module):

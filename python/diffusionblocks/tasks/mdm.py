@@ -60,7 +60,7 @@ import diffusionblocks_ext as dx
 from ..errors import ConfigError, layer_stack_problems, raise_first
 from ..partition import MaskingAxis
 from ..task import SampleRequest, device_of
-from . import text
+from .data import text
 from .layers import AdaptiveNorm, LevelEmbedder, TransformerLayer
 
 IGNORE = -100              # weighted_cross_entropy's ignore_index: unmasked positions

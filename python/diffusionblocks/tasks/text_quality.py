@@ -38,7 +38,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..steps import warmup_cosine
-from . import text
+from .data import text
 from .layers import LlamaLayer, RMSNorm, rotary_tables
 
 FORMAT = 1              # bump when EvaluatorLM or `train` changes, so old cache files are not reused

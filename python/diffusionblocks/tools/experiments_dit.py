@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from ..tasks import digits, evaluator
+from ..tasks import evaluator
+from ..tasks.data import digits
 from ..tasks.dit import EVAL_SEED
 from .experiments import mean_std, slug, sweep
 
@@ -62,7 +63,7 @@ def score(trainer, method: str, steps: int, cfg: float, levels: str, judge) -> d
     labels = task.class_labels(task.options.eval_samples // task.num_classes)
     images, cost = task.generate(trainer.plan, labels, steps, method, cfg, torch.Generator().manual_seed(EVAL_SEED),
                                  levels)
-    real = evaluator.features(judge, task.data.test_images)
+    real = evaluator.features(judge, task.data.pixels(task.data.test_images))
     return {"sampler": method, "steps": steps, "cfg": cfg, "levels": levels,
             "class_consistency": evaluator.accuracy(judge, images, labels),
             "frechet_distance": evaluator.frechet_distance(evaluator.features(judge, images), real),
