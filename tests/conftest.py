@@ -1,3 +1,5 @@
+import functools
+
 import pytest
 import torch
 
@@ -55,13 +57,41 @@ def assert_same_model_state(a, b):
         assert torch.equal(x, y), name
 
 
+def pytest_configure(config):
+    """No test may download: an empty data cache of the session's own, downloads forbidden."""
+    import os
+    import tempfile
+
+    os.environ["DIFFUSIONBLOCKS_DATA"] = tempfile.mkdtemp(prefix="diffusionblocks-test-cache-")
+    os.environ["DIFFUSIONBLOCKS_OFFLINE"] = "1"
+
+
+@functools.cache
+def fixture_data(dataset: str) -> str:
+    """A small file in the official format of `dataset` (written once per session) for the
+    presets whose data must be downloaded."""
+    import tempfile
+    from pathlib import Path
+
+    from diffusionblocks.tasks.data import fixtures
+
+    folder = Path(tempfile.mkdtemp(prefix="diffusionblocks-fixtures-"))
+    writers = {"cifar10": lambda: fixtures.write_cifar10(folder / "cifar-10-python.tar.gz", train=200, test=40),
+               "cifar100": lambda: fixtures.write_cifar100(folder / "cifar-100-python.tar.gz", train=200, test=100),
+               "text8": lambda: fixtures.write_text8_zip(folder / "text8.zip", 100_000)}
+    return str(writers[dataset]())
+
+
 def tiny_config(preset, **changes):
-    """The preset's TrainConfig without the progress bar, with changes applied to the task's
-    options (`model.*`) where they name one of its fields, else to the config itself."""
+    """The preset's TrainConfig without the progress bar, reading fixture data where the
+    preset's data must be downloaded, with changes applied to the task's options (`model.*`)
+    where they name one of its fields, else to the config itself."""
     from diffusionblocks import config as C
 
     config = C.preset(preset)
     config.progress = False
+    if getattr(config.model, "dataset", "") in ("cifar10", "cifar100", "text8"):
+        config.model.data = fixture_data(config.model.dataset)
     for name, value in changes.items():
         setattr(config.model if hasattr(config.model, name) else config, name, value)
     return config

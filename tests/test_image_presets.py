@@ -11,7 +11,7 @@ import torch
 
 from diffusionblocks import cli, config as C
 from diffusionblocks.tasks.data import fixtures, images
-from diffusionblocks.tools import bench_presets
+from diffusionblocks.tools import bench_presets, export_images
 from diffusionblocks.train import Trainer
 
 
@@ -138,3 +138,13 @@ def test_the_full_image_presets_take_their_first_steps_on_full_shape_data(tmp_pa
     assert {(r["preset"], r["mode"]) for r in report["results"]} == {
         (p, m) for p in ("vit-cifar100", "dit-cifar10") for m in ("e2e", "blocks")}
     assert all(np.isfinite(r["last_loss"]) for r in report["results"])
+
+
+def test_the_real_split_exports_in_the_layout_of_the_samples(tmp_path, archives, capsys):
+    out = tmp_path / "real"
+    assert export_images.main(["cifar10", "--data", str(archives["cifar10"]), "--out", str(out)]) == 0
+    stored = np.load(tmp_path / "real.npz")
+    data = images.load(images.ImageDataOptions(dataset="cifar10", data=str(archives["cifar10"])))
+    assert np.array_equal(stored["arr_0"], data.test_images.permute(0, 2, 3, 1).numpy())
+    assert len(list(out.glob("*.png"))) == len(data.test_labels)
+    assert export_images.main(["cifar100", "--out", str(tmp_path / "absent")]) == 2

@@ -1,7 +1,11 @@
 """What the two character-level LM tasks (ar.py, recurrent.py) share: the base class
-`CharacterLM` (the corpus and validation windows of text.py, the target y and the
-sampler's estimate of it, the metrics, generation and `sample`), the checks of the config
-fields both have, and a counter of layer calls.
+`CharacterLM` (the corpus of model.dataset and the evaluation windows of model.eval_split,
+from data/corpora.py; the target y and the sampler's estimate of it, the metrics,
+generation and `sample`), the checks of the config fields both have, and a counter of
+layer calls. "Validation" below means the held-out split of model.eval_split (validation
+by default, text8's test split where chosen). model.eval_windows=0 evaluates every window of
+that split: on text8's 5M characters at seq_len 256 that is 19,531 windows, 76× the default
+256, in each metric pass (block-wise a pass runs the B-level chain, twice for test_brier).
 
 Metrics, the same estimator in both modes (docs/measuring.md says how to read them):
 - teacher-forced, character j of each validation window predicted from characters < j:
@@ -29,7 +33,7 @@ from .. import sampler, schedule
 from ..errors import ConfigError, one_of
 from ..task import SampleRequest, device_of
 from . import text_quality
-from .data import text
+from .data import corpora, text
 
 EVAL_SEED = 0        # the sampler's starting noise at evaluation: fixed, so evaluation is repeatable
 EVAL_BATCH = 64      # validation windows per forward pass
@@ -54,8 +58,7 @@ def check_text_options(options, config) -> list[tuple[bool, str]]:
          f"model.width: expected a multiple of model.heads={options.heads} with an even head size "
          f"(rotary positions), got {options.width}"),
         (options.seq_len >= 2, f"model.seq_len: expected at least 2, got {options.seq_len}"),
-        (not options.data or Path(options.data).is_file(), f"model.data: no such file {options.data!r}"),
-        (options.eval_windows >= 1, f"model.eval_windows: expected at least 1, got {options.eval_windows}"),
+        *corpora.option_checks(options),
         (options.sample_tokens >= 0, f"model.sample_tokens: expected >= 0, got {options.sample_tokens}"),
         one_of("model.inference_schedule", options.inference_schedule, schedule.INFERENCE_SCHEDULES),
         (options.target_norm > 0, f"model.target_norm: expected > 0, got {options.target_norm:g}"),
@@ -160,19 +163,16 @@ class CharacterLM:
 
     def __init__(self, options):
         self.options = options
-        try:
-            self.corpus = text.load(options.data)
-            self.validation = text.validation_windows(self.corpus.validation, options.seq_len,
-                                                      options.eval_windows)
-            if len(self.corpus.train) < options.seq_len:
-                raise ValueError(f"model.seq_len: {options.seq_len} exceeds the "
-                                 f"{len(self.corpus.train)} training characters")
-        except (OSError, UnicodeDecodeError, ValueError) as error:
-            raise ConfigError(str(error) if str(error).startswith("model.") else f"model.data: {error}") from None
+        data = corpora.load(options)
+        # held_out: the ids of model.eval_split; validation: its evaluation windows [W, seq_len]
+        self.corpus, self.held_out, self.validation = data.corpus, data.held_out, data.windows
 
     # --- training (task.py) ---------------------------------------------------------------
     def train_batch(self, step, batch_size, seed, generator):
         return text.train_batch(self.corpus.train, batch_size, self.options.seq_len, generator)
+
+    def examples_per_epoch(self) -> int:
+        return corpora.examples_per_epoch(self.corpus, self.options.seq_len)
 
     def no_weight_decay(self):
         return set()
@@ -321,11 +321,11 @@ class CharacterLM:
     def quality_windows(self) -> torch.Tensor:
         """[n, P + C] held-out windows (n = model.quality_prompts at most): the prompts are
         their first P characters, the references the whole windows. Non-overlapping, from the
-        start of the validation text, the same for every run on this corpus."""
+        start of the held-out text (model.eval_split), the same for every run on this corpus."""
         length = self.options.quality_prompt_chars + self.options.quality_chars
-        ids = self.corpus.validation
+        ids = self.held_out
         count = min(self.options.quality_prompts, len(ids) // length)
-        windows = ids[:count * length].view(count, length)
+        windows = ids[:count * length].view(count, length).long()
         # Even windows first, then odd ones: the reference row compares the two halves, which
         # then come from the same stretches of text rather than from two different topics.
         return torch.cat([windows[0::2], windows[1::2]])
@@ -366,8 +366,8 @@ class CharacterLM:
                                "reference": refs.row}}
 
     def default_prompts(self) -> list[str]:
-        """The starts of the first validation chunks: held-out text the model never saw."""
-        ids = self.corpus.validation
+        """The starts of the first held-out chunks (model.eval_split): text the model never saw."""
+        ids = self.held_out
         prompts = [self.corpus.decode(ids[i * text.CHUNK: i * text.CHUNK + PROMPT_LENGTH])
                    for i in range(SAMPLE_PROMPTS) if i * text.CHUNK + PROMPT_LENGTH <= len(ids)]
         return prompts or [self.corpus.decode(ids[:PROMPT_LENGTH])]  # a short file: its held-out start

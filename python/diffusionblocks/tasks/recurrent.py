@@ -60,7 +60,9 @@ class RecurrentConfig:
     width: int = 64
     heads: int = 4
     seq_len: int = 64                    # characters per training window (seq_len − 1 predictions)
-    data: str = ""                       # a UTF-8 text file; "" = the pydoc_data topics (text.py)
+    dataset: str = "text"                # "text" (model.data, a UTF-8 file, or the pydoc topics) or "text8"
+    data: str = ""                       # text: a UTF-8 file, "" = the pydoc topics; text8: text8.zip, the
+                                         # extracted file or its folder, "" = the cache (downloaded once)
     mean_recurrence: int = 6             # baseline: r̄; K = 1 + Poisson(e^τ) per step (Huginn: r̄ = 32)
     backprop_depth: int = 3              # baseline: passes with gradients, the last k (Huginn: 8)
     recurrence: int = 8                  # K at evaluation (test_ce) and for samples
@@ -70,7 +72,8 @@ class RecurrentConfig:
     target_norm: float = 1.0             # norm of the target y (charlm.py)
     tied_target_embedding: bool = False  # the targets use the clean tokens' embedding table
     noisy_input: str = "c_in"            # what the core gets of z: "c_in" or "evidence" (charlm.NOISY_INPUTS)
-    eval_windows: int = 256
+    eval_split: str = "validation"       # held-out split evaluated: "validation" or "test" (text8 only)
+    eval_windows: int = 256              # windows of seq_len characters evaluated; 0 = all of the split (charlm.py)
     sample_tokens: int = 200
     quality_prompts: int = 400           # held-out prompts continued for MAUVE at the end of a run; 0 = none
     quality_prompt_chars: int = 32       # characters of each prompt
