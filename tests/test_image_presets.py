@@ -65,6 +65,10 @@ def test_dit_cifar10_tiny_writes_samples_for_fid_tools(tmp_path, archives, capsy
     assert np.array_equal(np.asarray(Image.open(pngs[3])), stored["arr_0"][3])
     assert sorted(stored["labels"].tolist()) == sorted([c for c in range(10) for _ in range(2)])
     assert (out / "samples.png").exists()
+    grid = tmp_path / f"grid-{mode}.png"
+    assert cli.main(["sample", str(out), "--count", "2", "--steps", "3", "--out", str(grid)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert grid.exists() and summary["images"] == 20 and 0 <= summary["class_consistency"] <= 1
 
 
 def test_the_data_stays_uint8_and_moves_to_the_device_once(archives):
