@@ -16,6 +16,8 @@
 #                                                      offload=cpu; the memory bench worker)
 #   6. memory bench  -> RESULTS_DIR/memory_gpu/{memory.json,memory.png}, memory_gpu.log
 #                       (`bench memory --device cuda`, L=12 width 256, B=4)
+#  6a. paper presets -> RESULTS_DIR/presets_gpu/presets.json, presets_gpu.log
+#                       (`bench presets --device cuda`: 20 steps each, both modes, their own batches)
 #  6b. main command  -> RESULTS_DIR/main_gpu.log, main_gpu_report.json (`train --device cuda`)
 #   7. summary       -> RESULTS_DIR/summary.md
 #
@@ -378,6 +380,14 @@ run_step "bench memory (cuda)" "$(cap 120 80)" "$RESULTS/memory_gpu.log" \
     env DBX_REQUIRE_EXT=1 PYTHONPATH="$ROOT/python:$ROOT" "$PY" -m diffusionblocks bench memory \
     --device cuda --blocks 4 --out "$RESULTS/memory_gpu"
 
+# ------------------------------------------------------------------------------ 6a. paper presets
+section "6a. the paper presets' first steps on the GPU"
+# `bench presets --device cuda`: 20 steps of each paper preset at its own batch size, both
+# modes, on stand-in files of the full shape; steps/s and peak memory for the README.
+run_step "bench presets (cuda)" "$(cap 150 40)" "$RESULTS/presets_gpu.log" \
+    env DBX_REQUIRE_EXT=1 PYTHONPATH="$ROOT/python:$ROOT" "$PY" -m diffusionblocks bench presets \
+    --device cuda --steps 20 --out "$RESULTS/presets_gpu"
+
 # ------------------------------------------------------------------------------ 6b. main command
 section "6b. the README's main command on the GPU"
 # `diffusionblocks train --device cuda`: the default preset end to end (about 65 s on an
@@ -420,6 +430,9 @@ section "7. summary"
     echo "## main command on the GPU"
     grep -E 'test_accuracy|error' "$RESULTS/main_gpu.log" 2>/dev/null | tail -n 2 | sed 's/^/    /' \
         || echo "    not run (see main_gpu.log)"
+    echo
+    echo "## paper presets (bench presets --device cuda)"
+    grep -E '^\|' "$RESULTS/presets_gpu.log" 2>/dev/null | tail -n 10 || echo "no table (see presets_gpu.log)"
     echo
     echo "## memory (bench memory --device cuda)"
     grep -E '^\|' "$RESULTS/memory_gpu.log" 2>/dev/null || echo "no table (see memory_gpu.log)"
