@@ -4,6 +4,7 @@ kernels, and a pure-PyTorch reference (`diffusionblocks_ext.reference`) with the
 signatures that serves whenever the compiled extension is absent."""
 
 from . import reference
+from ._checks import values_trusted
 from .ops import (HAS_CUDA_KERNELS, HAS_EXT, add_noise, backend, denoise, edm_loss, euler_step,
                   heun_step, sample_sigma, weighted_cross_entropy)
 from .reference import (P_MEAN, P_STD, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, c_in, c_noise, c_out,
@@ -14,5 +15,5 @@ __version__ = "0.1.0"
 __all__ = [
     "HAS_EXT", "HAS_CUDA_KERNELS", "backend", "sample_sigma", "add_noise", "denoise", "euler_step",
     "heun_step", "edm_loss", "weighted_cross_entropy", "reference", "c_skip", "c_out", "c_in",
-    "c_noise", "loss_weight", "SIGMA_MIN", "SIGMA_MAX", "SIGMA_DATA", "P_MEAN", "P_STD",
+    "c_noise", "loss_weight", "SIGMA_MIN", "SIGMA_MAX", "SIGMA_DATA", "P_MEAN", "P_STD", "values_trusted",
 ]

@@ -2,6 +2,8 @@
 same text from csrc/checks.h, so a bad input reads the same on every path. Messages
 name the argument first, then what was expected, then what was given."""
 
+import contextlib
+import contextvars
 import math
 
 import torch
@@ -85,10 +87,32 @@ def positive_number(name: str, value: float) -> None:
 SIGMA_LIMIT = 1e18
 
 
+_VALUES_TRUSTED = contextvars.ContextVar("values_trusted", default=False)
+
+
+@contextlib.contextmanager
+def values_trusted():
+    """Inside, the ops do not read σ (and weight) values to check them: for callers whose
+    values are valid by construction, such as a training loop that draws σ from a range
+    checked once. On a GPU each such check is a wait for the device. Shapes, dtypes and
+    devices are still checked, and the CPU kernels still check values (it costs nothing there).
+    Class indices of weighted_cross_entropy are trusted alike."""
+    token = _VALUES_TRUSTED.set(True)
+    try:
+        yield
+    finally:
+        _VALUES_TRUSTED.reset(token)
+
+
+def trusted() -> bool:
+    """Whether the caller is inside values_trusted()."""
+    return _VALUES_TRUSTED.get()
+
+
 def values_positive(name: str, s: torch.Tensor, allow_zero: bool = False) -> None:
-    """Data-dependent check (a device sync on CUDA); skipped while torch.compile traces and
-    for meta tensors, which have no values."""
-    if torch.compiler.is_compiling() or s.numel() == 0 or s.device.type == "meta":
+    """Data-dependent check (a device sync on CUDA); skipped while torch.compile traces,
+    for meta tensors, which have no values, and inside values_trusted()."""
+    if torch.compiler.is_compiling() or s.numel() == 0 or s.device.type == "meta" or trusted():
         return
     ok = ((s >= 0) if allow_zero else (s > 0)) & torch.isfinite(s)  # NaN fails the comparison
     # One sync when all is well. isfinite above is needed: in float16 the bound rounds to inf.

@@ -279,7 +279,8 @@ def check_weighted_cross_entropy(logits, target, weight, ignore_index, values=Tr
     _check_target(target, logits)
     check.per_example("weight", weight, "logits", logits)
     check.no_grad_wrt("weight", weight)
-    if values and not torch.compiler.is_compiling() and target.numel() > 0 and target.device.type != "meta":
+    if values and not torch.compiler.is_compiling() and not check.trusted() and target.numel() > 0 \
+            and target.device.type != "meta":
         valid = ((target >= 0) & (target < logits.shape[-1])) | (target == ignore_index)
         if not bool(valid.all()):
             check.fail(f"target: expected class indices in [0, {logits.shape[-1]}) "

@@ -116,14 +116,14 @@ def test_interrupted_and_resumed_run_is_bit_identical(tmp_path):
     Trainer(config, tmp_path / "whole").run()
 
     interrupted = Trainer(config, tmp_path / "parts")
-    step_once = interrupted.train_step
+    step_once = interrupted.start_step
 
     def crash_at_step_13(step):
         if step == 13:
             raise KeyboardInterrupt  # after the checkpoint at step 10, with 3 steps logged past it
         return step_once(step)
 
-    interrupted.train_step = crash_at_step_13
+    interrupted.start_step = crash_at_step_13
     with pytest.raises(KeyboardInterrupt):
         interrupted.run()
     resumed = Trainer(config, tmp_path / "parts")

@@ -17,6 +17,8 @@ from .tasks.vit import ViTConfig
 MODES = ("blocks", "e2e")
 BLOCK_SCHEDULES = ("random", "round-robin", "sequential")
 OFFLOADS = ("none", "cpu", "disk")
+PRECISIONS = ("fp32", "bf16")
+ADAMW = ("auto", "fused", "foreach", "for-loop")
 SHARED = ("global", "per-block")
 __all__ = ["ConfigError", "TrainConfig", "PRESETS", "preset", "override", "validate", "to_dict", "from_dict"]
 
@@ -54,11 +56,27 @@ class TrainConfig:
     checkpoint_every: int = 500
     max_nonfinite_steps: int = 5         # consecutive non-finite losses that stop the run
     threads: int = 0                     # torch intra-op threads; 0 = leave torch's default
+    precision: str = "fp32"              # "bf16": the residual layers under bf16 autocast (the rest fp32)
+    compile: bool = False                # torch.compile each residual layer (once per layer, not per σ or step)
+    adamw: str = "auto"                  # AdamW implementation: "fused", "foreach", "for-loop";
+                                         # auto = fused on a GPU, for-loop on the CPU
+    log_every: int = 0                   # steps between host reads of the step figures (loss, grad norm);
+                                         # 0 = 1 on the CPU, 50 on a GPU. Above 1 the skip of a
+                                         # non-finite step is decided on the device (needs fused AdamW)
     progress: bool = True                # tqdm progress bar
 
     @property
     def on_gpu(self) -> bool:
         return _device_type(self.device) == "cuda"
+
+    @property
+    def adamw_implementation(self) -> str:
+        return self.adamw if self.adamw != "auto" else ("fused" if self.on_gpu else "for-loop")
+
+    @property
+    def settle_every(self) -> int:
+        """Steps between host reads of the step figures (log_every, resolved)."""
+        return self.log_every or (50 if self.on_gpu else 1)
 
     @property
     def num_blocks(self) -> int:
@@ -182,6 +200,14 @@ def validate(config: TrainConfig) -> TrainConfig:
     need(config.max_nonfinite_steps >= 1,
          f"max_nonfinite_steps: expected at least 1, got {config.max_nonfinite_steps}")
     need(config.threads >= 0, f"threads: expected >= 0, got {config.threads}")
+    need(config.precision in PRECISIONS, f"precision: expected one of {', '.join(PRECISIONS)}, got {config.precision!r}")
+    need(config.adamw in ADAMW, f"adamw: expected one of {', '.join(ADAMW)}, got {config.adamw!r}")
+    need(config.log_every >= 0, f"log_every: expected >= 0 (0 = 1 on the CPU, 50 on a GPU), got {config.log_every}")
+    need(config.settle_every == 1 or config.adamw_implementation == "fused",
+         f"log_every: {config.settle_every} steps between reads needs the non-finite skip decided on the device, "
+         f"which needs adamw=fused (got adamw={config.adamw})")
+    need(not (config.compile and config.activation_checkpointing),
+         "compile: not with activation_checkpointing (the recomputation would run the compiled layer eagerly)")
     try:
         config.partition_plan()
     except PartitionError as error:

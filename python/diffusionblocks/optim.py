@@ -15,7 +15,9 @@ def build_optimizer(named_params: list[tuple[str, nn.Parameter]], config,
     decays = {n: p.dim() >= 2 and n not in no_decay_names for n, p in named_params}
     groups = [{"params": [p for n, p in named_params if decays[n]], "weight_decay": config.weight_decay},
               {"params": [p for n, p in named_params if not decays[n]], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.999))
+    implementation = config.adamw_implementation
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.999), fused=implementation == "fused" or None,
+                             foreach=implementation == "foreach" if implementation != "fused" else None)
 
 
 def shared_optimizer_key(block: int, per_block: bool) -> str:
@@ -33,6 +35,13 @@ def block_optimizers(model: nn.Module, plan, config, no_decay_names: set[str]) -
     for key in dict.fromkeys(shared_optimizer_key(b, per_block) for b in range(plan.num_blocks)):
         optimizers[key] = build_optimizer(shared_parameters(model), config, no_decay_names)
     return optimizers
+
+
+def skip_where(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor | None) -> None:
+    """The next step() of a fused AdamW leaves everything (weights, moments, step count)
+    unchanged where found_inf is 1: the skip of a non-finite step decided on the device,
+    without a host read (the mechanism mixed-precision loss scaling uses). None: steps normally."""
+    optimizer.found_inf = found_inf
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:

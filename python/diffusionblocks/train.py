@@ -19,7 +19,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from dataclasses import dataclass
+
 import torch
+from torch.profiler import record_function
 from torch.utils.checkpoint import checkpoint as checkpoint_layer
 from tqdm import tqdm
 
@@ -27,7 +30,7 @@ import diffusionblocks_ext as dx
 
 from . import steps
 from .config import ConfigError, TrainConfig, to_dict, validate
-from .optim import block_optimizers, set_learning_rate, shared_optimizer_key
+from .optim import block_optimizers, set_learning_rate, shared_optimizer_key, skip_where
 from .systems import checkpoint
 from .systems.devices import place_model, training_device
 from .systems.logs import MetricsLog, plot_loss_by_block
@@ -54,6 +57,38 @@ def recompute_in_backward(layers: torch.nn.ModuleList) -> None:
     for layer in layers:
         forward = layer.forward
         layer.forward = lambda *args, forward=forward: checkpoint_layer(forward, *args, use_reentrant=False)
+
+
+def autocast_layers(layers: torch.nn.ModuleList, device_type: str) -> None:
+    """precision=bf16: each residual layer runs under bf16 autocast (its matrix products in
+    bf16); what enters and leaves a layer stays float32, so the shared modules, the fused
+    ops and the loss see float32 as before."""
+    for layer in layers:
+        forward = layer.forward
+
+        def in_bf16(*args, forward=forward):
+            with torch.autocast(device_type, dtype=torch.bfloat16):
+                return forward(*args).float()
+
+        layer.forward = in_bf16
+
+
+def compile_layers(layers: torch.nn.ModuleList) -> None:
+    """compile=true: torch.compile of each residual layer. Shapes are fixed within a run and
+    σ enters as a tensor, so each layer compiles once (the layers share one graph, which
+    the compiler's cache reuses)."""
+    for layer in layers:
+        layer.compile(dynamic=False)
+
+
+@dataclass
+class PendingStep:
+    """A step done on the device whose figures the host has not read yet."""
+    step: int
+    block: int
+    lr: float
+    figures: torch.Tensor         # float64 [2] or [5]: loss, grad norm (, levels min, median, max)
+    skipped: bool | None = None   # decided on the host (None: on the device, read with the figures)
 
 
 def epochs_to_steps(config: TrainConfig, task) -> int:
@@ -93,8 +128,12 @@ class Trainer:
             self.offload = DiskOffload(self.model, self.plan, self.optimizers, folder)
         elif host_offload:
             self.offload = HostOffload(self.model, self.plan, self.optimizers, self.device, self.shared_copies)
+        if config.precision == "bf16":
+            autocast_layers(self.model.layers, self.device.type)
         if config.activation_checkpointing:
             recompute_in_backward(self.model.layers)
+        if config.compile:
+            compile_layers(self.model.layers)
         self.step = 0
         # Counters that a checkpoint carries: layer forward calls (each over one batch),
         # seconds spent, the measured memory, and skipped (non-finite) steps.
@@ -110,59 +149,95 @@ class Trainer:
 
     # --- one step ----------------------------------------------------------------------
     def train_step(self, step: int) -> dict | None:
-        """Step `step` of the run: its block, batch and noise all come from its own generator.
-        None when block-parallel and another process owns the block."""
+        """Step `step` of the run, its record read back: its block, batch and noise all come
+        from its own generator. None when block-parallel and another process owns the block."""
+        pending = self.start_step(step)
+        return None if pending is None else self.settle([pending])[0]
+
+    def start_step(self, step: int) -> PendingStep | None:
+        """Step `step`, its figures left on the device (the loop reads them every log_every steps)."""
         generator = steps.step_generator(self.config.seed, step)
         steps.seed_global_rng(self.config.seed, step)
         block = steps.choose_block(self.config, step, generator)
         if self.parallel is not None and not self.parallel.owns(block):
             return None
-        return self.block_step(block, step, generator)
+        return self.launch_block_step(block, step, generator)
 
     def block_step(self, block: int, step: int, generator: torch.Generator) -> dict:
+        """One optimizer step of `block` (see launch_block_step), its record read back."""
+        return self.settle([self.launch_block_step(block, step, generator)])[0]
+
+    def launch_block_step(self, block: int, step: int, generator: torch.Generator) -> PendingStep:
         """One optimizer step that runs and updates only `block` (and the shared modules):
-        its gradients, then the update (or, where they are not finite, none)."""
+        its gradients, then the update, or none where the loss or gradient is not finite.
+        With fused AdamW that choice is made on the device; otherwise the host reads the
+        figures first (a wait for the GPU, nothing on the CPU)."""
         loss, levels, params = self.compute_gradients(block, step, generator)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip) if params else \
-            torch.tensor(float("nan"))
-        # Everything the host needs from this step in one transfer: each .item() would wait
-        # for the GPU on its own. float64 holds the float32 values exactly.
-        figures = [loss.detach(), grad_norm] + ([] if levels is None else [levels.min(), levels.median(), levels.max()])
-        values = torch.stack([f.to(loss.device, torch.float64) for f in figures]).tolist()
-        lr = steps.learning_rate(self.config, step)
-        record = {"step": step + 1, "block": block, "lr": lr, "loss": values[0], "grad_norm": values[1]}
-        if math.isfinite(values[0]) and math.isfinite(values[1]):  # a finite loss can still overflow the gradient
-            self.apply_update(block, lr)
-        else:
-            self.skip_nonfinite(step, block, levels)
-            record["skipped"] = True
-        for p in params:
-            p.grad = None  # None, not 0: AdamW then skips parameters this step did not use
-        if levels is not None:
-            name = self.task.level_name
-            record.update({f"{name}_min": values[2], f"{name}_median": values[3], f"{name}_max": values[4]})
-        return record
+        with record_function("diffusionblocks.optimizer"):
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip) if params else \
+                torch.tensor(float("nan"), device=loss.device)
+            # float64 holds the float32 values exactly.
+            figures = [loss.detach(), grad_norm] + ([] if levels is None else [levels.min(), levels.median(),
+                                                                               levels.max()])
+            figures = torch.stack([f.to(loss.device, torch.float64) for f in figures])
+            lr = steps.learning_rate(self.config, step)
+            pending = PendingStep(step, block, lr, figures)
+            # A finite loss can still overflow the gradient: both are checked.
+            if self.config.adamw_implementation == "fused":
+                self.apply_update(block, lr, found_inf=(~torch.isfinite(figures[:2]).all()).float())
+            else:
+                with record_function("diffusionblocks.settle"):
+                    pending.skipped = not all(math.isfinite(v) for v in figures[:2].tolist())
+                if not pending.skipped:
+                    self.apply_update(block, lr)
+            for p in params:
+                p.grad = None  # None, not 0: AdamW then skips parameters this step did not use
+        return pending
+
+    def settle(self, pending: list[PendingStep]) -> list[dict]:
+        """The records of steps done (one host read for all), in order; counts the skipped
+        ones and stops the run after max_nonfinite_steps in a row, naming the step."""
+        with record_function("diffusionblocks.settle"):
+            values = torch.cat([p.figures for p in pending]).tolist()
+        records, name, at = [], self.task.level_name, 0
+        for p in pending:
+            v, at = values[at:at + len(p.figures)], at + len(p.figures)
+            record = {"step": p.step + 1, "block": p.block, "lr": p.lr, "loss": v[0], "grad_norm": v[1]}
+            if len(v) == 5:
+                record.update({f"{name}_min": v[2], f"{name}_median": v[3], f"{name}_max": v[4]})
+            skipped = p.skipped if p.skipped is not None else not (math.isfinite(v[0]) and math.isfinite(v[1]))
+            if skipped:
+                record["skipped"] = True
+                self.count_nonfinite(record)
+            else:
+                self.counters["consecutive_nonfinite"] = 0
+            records.append(record)
+        return records
 
     def compute_gradients(self, block: int, step: int, generator: torch.Generator):
         """Forward and backward of `block` on batch `step`: (mean loss, the noise levels drawn
         or None end to end, the parameters that got gradients)."""
         config = self.config
-        batch = self.task.train_batch(step, config.batch_size, config.seed, generator)
-        if self.parallel is not None:
-            batch, generator = self.parallel.shard(batch, generator)
-        batch = to_device(batch, self.device)
+        with record_function("diffusionblocks.data"):
+            batch = self.task.train_batch(step, config.batch_size, config.seed, generator)
+            if self.parallel is not None:
+                batch, generator = self.parallel.shard(batch, generator)
+            batch = to_device(batch, self.device)
         self.plan.enter(block)
         # Batches are always full, so a block's memory is the same at every step: measure
         # its first step only and keep the hooks off the hot path afterwards.
         measured = self.counters["activation_bytes_by_block"]
         measure = str(block) not in measured
         saved = SavedActivations(self.model.parameters()) if measure else contextlib.nullcontext()
-        with saved:
+        # σ comes from the sampler, inside its block's range by construction: the ops need not
+        # check its values again (on a GPU each check is a wait for the device).
+        with saved, record_function("diffusionblocks.forward"), dx.values_trusted():
             loss, levels = self.forward_loss(block, batch, generator)
         # Backward even through a non-finite loss: its gradient is non-finite too (or the
         # loss is checked later), the step is skipped either way, and data-parallel replicas
         # all reach the gradient all-reduce.
-        loss.backward()
+        with record_function("diffusionblocks.backward"):
+            loss.backward()
         params = [p for p in self.model.parameters() if p.grad is not None]
         if self.parallel is not None:
             self.parallel.average_gradients(block, params)
@@ -178,23 +253,27 @@ class Trainer:
         loss, levels = self.task.block_loss(batch, block, self.plan, generator)
         return loss.mean(), levels
 
-    def apply_update(self, block: int, lr: float) -> None:
-        """AdamW steps of the block's layers and of the shared modules it used."""
-        self.counters["consecutive_nonfinite"] = 0
+    def apply_update(self, block: int, lr: float, found_inf: torch.Tensor | None = None) -> None:
+        """AdamW steps of the block's layers and of the shared modules it used (fused AdamW:
+        none where found_inf is 1)."""
         for key in (shared_optimizer_key(block, self.shared_copies is not None), f"block{block}"):
-            set_learning_rate(self.optimizers[key], lr)
-            self.optimizers[key].step()
+            optimizer = self.optimizers[key]
+            set_learning_rate(optimizer, lr)
+            skip_where(optimizer, found_inf)
+            optimizer.step()
+            skip_where(optimizer, None)
         if self.offload is not None:
             self.offload.after_step(block)
 
-    def skip_nonfinite(self, step: int, block: int, levels: torch.Tensor | None):
-        """A non-finite loss or gradient: no update; too many in a row end the run."""
+    def count_nonfinite(self, record: dict) -> None:
+        """A step skipped for a non-finite loss or gradient; too many in a row end the run."""
         self.counters["nonfinite_steps"] += 1
         self.counters["consecutive_nonfinite"] += 1
         if self.counters["consecutive_nonfinite"] >= self.config.max_nonfinite_steps:
-            where = f"block {block}" if levels is None else \
-                f"block {block}, {self.task.level_name} in [{levels.min().item():.4g}, {levels.max().item():.4g}]"
-            raise TrainingError(f"step {step + 1}: {self.counters['consecutive_nonfinite']} consecutive "
+            name = self.task.level_name
+            where = f"block {record['block']}" if f"{name}_min" not in record else \
+                f"block {record['block']}, {name} in [{record[name + '_min']:.4g}, {record[name + '_max']:.4g}]"
+            raise TrainingError(f"step {record['step']}: {self.counters['consecutive_nonfinite']} consecutive "
                                 f"non-finite losses or gradients (last: {where}); lower lr or check the data")
 
     # --- evaluation --------------------------------------------------------------------
@@ -266,21 +345,27 @@ class Trainer:
         raises Interrupted after the checkpoint that follows a signal."""
         config, parallel = self.config, self.parallel
         records = []  # written at each checkpoint (block-parallel: gathered from every rank first)
+        pending = []  # steps whose figures the host has not read yet (read every log_every steps)
         shared = [p for _, p in shared_parameters(self.model)]  # the same Parameter objects all run long
         started = time.perf_counter()
         while self.step < end:
-            record = self.train_step(self.step)
+            step = self.start_step(self.step)
             self.step += 1
             bar.update(1)
             if parallel is not None:
                 self.stop_signal = parallel.after_step(self.step, shared, self.stop_signal)
-            if record is not None:
-                records.append(record)
-                bar.set_postfix(loss=f"{record['loss']:.3g}", block=record["block"], refresh=False)
-            if config.eval_every and parallel is None and self.step % config.eval_every == 0 \
-                    and self.step < config.total_steps:
+            if step is not None:
+                pending.append(step)
+            evaluate = config.eval_every and parallel is None and self.step % config.eval_every == 0 \
+                and self.step < config.total_steps
+            checkpoint = self.step % config.checkpoint_every == 0 or self.step == end or self.stop_signal
+            if pending and (self.step % config.settle_every == 0 or evaluate or checkpoint):
+                records += self.settle(pending)
+                pending = []
+                bar.set_postfix(loss=f"{records[-1]['loss']:.3g}", block=records[-1]["block"], refresh=False)
+            if evaluate:
                 records.append({"step": self.step, "eval": self.evaluate()})
-            if self.step % config.checkpoint_every == 0 or self.step == end or self.stop_signal:
+            if checkpoint:
                 if parallel is not None:
                     records = parallel.gather(records, self.counters, self.model, self.plan, self.optimizers,
                                               self.shared_copies) or []
