@@ -151,7 +151,7 @@ def evidence(z: torch.Tensor, sigma: torch.Tensor, target_norm: float) -> torch.
 NOISY_INPUTS = ("evidence", "c_in")
 
 
-class CharacterLM:
+class CharacterLM(corpora.TextBatches):
     """Corpus, metrics, generation and `sample` for a character LM task. A subclass defines
     `window_logits(windows, plan, mode, generator, normalized=None)` -> [W, T−1, V]
     (position j predicts character j+1 of each window; block-wise, `normalized` chooses the
@@ -168,12 +168,6 @@ class CharacterLM:
         self.corpus, self.held_out, self.validation = data.corpus, data.held_out, data.windows
 
     # --- training (task.py) ---------------------------------------------------------------
-    def train_batch(self, step, batch_size, seed, generator):
-        return text.train_batch(self.corpus.train, batch_size, self.options.seq_len, generator)
-
-    def examples_per_epoch(self) -> int:
-        return corpora.examples_per_epoch(self.corpus, self.options.seq_len)
-
     def no_weight_decay(self):
         return set()
 

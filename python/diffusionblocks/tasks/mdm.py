@@ -61,7 +61,7 @@ import diffusionblocks_ext as dx
 from ..errors import ConfigError, layer_stack_problems, raise_first
 from ..partition import MaskingAxis
 from ..task import SampleRequest, device_of
-from .data import corpora, text
+from .data import corpora
 from .layers import AdaptiveNorm, LevelEmbedder, TransformerLayer
 
 IGNORE = -100              # weighted_cross_entropy's ignore_index: unmasked positions
@@ -183,7 +183,7 @@ class MaskedDiffusionLM(nn.Module):
 
 
 # --- the task -----------------------------------------------------------------------------
-class MaskedDiffusion:
+class MaskedDiffusion(corpora.TextBatches):
     """Character-level masked diffusion (MD4) on the text corpus as a task (see task.py)."""
 
     Config = MDMConfig
@@ -229,12 +229,6 @@ class MaskedDiffusion:
         return self.model.mask_id
 
     # --- training (task.py) ---------------------------------------------------------
-    def train_batch(self, step, batch_size, seed, generator):
-        return text.train_batch(self.corpus.train, batch_size, self.options.seq_len, generator)
-
-    def examples_per_epoch(self) -> int:
-        return corpora.examples_per_epoch(self.corpus, self.options.seq_len)
-
     def loss_on_range(self, x0: torch.Tensor, t_range: tuple[float, float], layers: range,
                       generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """MD4's loss with t stratified over t_range, through `layers`: (loss [N], t [N])."""

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ...errors import ConfigError, one_of
+from ...task import device_of
 from . import text, text8
 
 # "text": the pydoc topics, or the UTF-8 file at model.data (text.py); "text8": text8.py.
@@ -53,6 +54,18 @@ def load(options) -> TextData:
     return TextData(corpus, held_out, windows)
 
 
-def examples_per_epoch(corpus: text.Corpus, seq_len: int) -> int:
-    """Training examples in one pass over the training text: its non-overlapping seq_len windows."""
-    return len(corpus.train) // seq_len
+class TextBatches:
+    """What a text task's training data needs from the task (self.corpus, self.options.seq_len,
+    self.model): the epoch size, and random windows drawn on the model's device."""
+
+    _device_ids = None  # the training ids on the model's device, copied there once
+
+    def examples_per_epoch(self) -> int:
+        """Training examples in one pass over the training text: its non-overlapping seq_len windows."""
+        return len(self.corpus.train) // self.options.seq_len
+
+    def train_batch(self, step, batch_size, seed, generator):
+        device = device_of(self.model)
+        if self._device_ids is None or self._device_ids.device != device:
+            self._device_ids = self.corpus.train.to(device)
+        return text.train_batch(self._device_ids, batch_size, self.options.seq_len, generator)

@@ -93,11 +93,12 @@ def load(path: str = "") -> Corpus:
 
 
 def train_batch(ids: torch.Tensor, batch_size: int, length: int, generator: torch.Generator) -> torch.Tensor:
-    """[batch_size, length] int64 random windows of the training text."""
+    """[batch_size, length] int64 random windows of the training text, on the device of `ids`
+    (the starts come from the CPU `generator`, so any device draws the same windows)."""
     if len(ids) < length:
         raise ValueError(f"model.seq_len: {length} exceeds the {len(ids)} training characters")
-    starts = torch.randint(0, len(ids) - length + 1, (batch_size, 1), generator=generator)
-    return ids[starts + torch.arange(length)].long()
+    starts = torch.randint(0, len(ids) - length + 1, (batch_size, 1), generator=generator).to(ids.device)
+    return ids[starts + torch.arange(length, device=ids.device)].long()
 
 
 def validation_windows(ids: torch.Tensor, length: int, max_windows: int = 0, split: str = "validation") -> torch.Tensor:
