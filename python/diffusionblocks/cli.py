@@ -58,8 +58,9 @@ def parser() -> argparse.ArgumentParser:
                         help="autoregressive and recurrent LMs: how each character is chosen (default: greedy)")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--out", help="output file (default: in the run directory)")
-    bench = commands.add_parser("bench", help="measure: `bench memory`, `bench presets` (see bench WHAT --help)")
-    bench.add_argument("what", choices=["memory", "presets"])
+    bench = commands.add_parser("bench", help="measure: `bench memory`, `bench presets`, `bench train PRESET` "
+                                "(see bench WHAT --help)")
+    bench.add_argument("what", choices=["memory", "presets", "train"])
     bench.add_argument("options", nargs=argparse.REMAINDER)
     return top
 
@@ -180,9 +181,9 @@ def sample(args) -> int:
 
 
 def bench(args) -> int:
-    from .tools import bench_memory, bench_presets
+    from .tools import bench_memory, bench_presets, bench_train
 
-    return {"memory": bench_memory, "presets": bench_presets}[args.what].main(args.options)
+    return {"memory": bench_memory, "presets": bench_presets, "train": bench_train}[args.what].main(args.options)
 
 
 COMMANDS = {"train": train, "eval": evaluate, "sample": sample, "bench": bench}
