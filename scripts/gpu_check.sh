@@ -18,7 +18,9 @@
 #                       (`bench memory --device cuda`, L=12 width 256, B=4)
 #  6a. paper presets -> RESULTS_DIR/presets_gpu/presets.json, presets_gpu.log
 #                       (`bench presets --device cuda`: 20 steps each, both modes, their own batches)
-#  6b. main command  -> RESULTS_DIR/main_gpu.log, main_gpu_report.json (`train --device cuda`)
+#  6b. training speed -> RESULTS_DIR/train_gpu_{fp32,bf16compile}/train.json and .log
+#                       (`bench train vit-cifar100 --device cuda`, fp32 eager and bf16 + compile)
+#  6c. main command  -> RESULTS_DIR/main_gpu.log, main_gpu_report.json (`train --device cuda`)
 #   7. summary       -> RESULTS_DIR/summary.md
 #
 # Every step runs under `timeout` against one overall deadline (GPU_CHECK_BUDGET seconds,
@@ -370,7 +372,7 @@ FAILED=$FAILED_BEFORE
 section "5. trainer on the GPU (device=cuda, offload=cpu)"
 if [ "$HAVE_PYTEST" -eq 1 ]; then
     run_step "pytest trainer on cuda" "$(cap 100 40)" "$RESULTS/trainer_tests.log" \
-        env DBX_REQUIRE_EXT=1 PYTHONPATH="$ROOT/python:$ROOT" "$PY" -m pytest tests/test_device.py \
+        env DBX_REQUIRE_EXT=1 PYTHONPATH="$ROOT/python:$ROOT" "$PY" -m pytest tests/test_device.py tests/test_speed_features.py \
         "${XDIST[@]}" -q -rfEs --maxfail=10 -p no:cacheprovider --durations=10
 fi
 
@@ -388,8 +390,19 @@ run_step "bench presets (cuda)" "$(cap 150 40)" "$RESULTS/presets_gpu.log" \
     env DBX_REQUIRE_EXT=1 PYTHONPATH="$ROOT/python:$ROOT" "$PY" -m diffusionblocks bench presets \
     --device cuda --steps 20 --out "$RESULTS/presets_gpu"
 
-# ------------------------------------------------------------------------------ 6b. main command
-section "6b. the README's main command on the GPU"
+# ------------------------------------------------------------------------------ 6b. training speed
+section "6b. training speed on the GPU"
+# `bench train vit-cifar100`: the paper's ViT shape at its batch size, fp32 eager and bf16 +
+# compile; step times per block against end to end (ratio_to_ideal) and samples/s.
+for variant in "fp32" "bf16 --compile"; do
+    name=$(echo "$variant" | tr -d ' -')
+    run_step "bench train vit-cifar100 ($variant)" "$(cap 90 30)" "$RESULTS/train_gpu_$name.log" \
+        env DBX_REQUIRE_EXT=1 PYTHONPATH="$ROOT/python:$ROOT" "$PY" -m diffusionblocks bench train vit-cifar100 \
+        --device cuda --precision $variant --steps 50 --warmup 10 --profile-steps 5 --out "$RESULTS/train_gpu_$name"
+done
+
+# ------------------------------------------------------------------------------ 6c. main command
+section "6c. the README's main command on the GPU"
 # `diffusionblocks train --device cuda`: the default preset end to end (about 65 s on an
 # H200), for the README's GPU line; the run directory stays out of RESULTS (checkpoints).
 MAIN_RUN=$(mktemp -d)
@@ -433,6 +446,12 @@ section "7. summary"
     echo
     echo "## paper presets (bench presets --device cuda)"
     grep -E '^\|' "$RESULTS/presets_gpu.log" 2>/dev/null | tail -n 10 || echo "no table (see presets_gpu.log)"
+    echo
+    echo "## training speed (bench train vit-cifar100 --device cuda)"
+    for name in fp32 bf16compile; do
+        echo "### $name"
+        grep -E '^\|' "$RESULTS/train_gpu_$name.log" 2>/dev/null | head -n 6 || echo "no table (see train_gpu_$name.log)"
+    done
     echo
     echo "## memory (bench memory --device cuda)"
     grep -E '^\|' "$RESULTS/memory_gpu.log" 2>/dev/null || echo "no table (see memory_gpu.log)"

@@ -182,7 +182,7 @@ class DiTGeneration(image_data.ImageBatches):
         y = self.to_target(images)
         z, z_in = dx.add_noise(y, sigma, generator=generator)
         # Drawn on the CPU generator, then moved: the same labels dropped on any device.
-        dropped = (torch.rand(len(labels), generator=generator) < self.options.label_dropout).to(labels.device)
+        dropped = (torch.rand(len(labels), generator=generator) < self.options.label_dropout).to(labels.device, non_blocking=True)
         labels = labels.masked_fill(dropped, self.model.null_class)
         return dx.edm_loss(self.model(z_in, sigma, labels, layers), z, y, sigma)
 

@@ -85,7 +85,7 @@ def mask_tokens(x0: torch.Tensor, t: torch.Tensor, mask_id: int,
                 generator: torch.Generator | None) -> torch.Tensor:
     """x_t: each position of x0 [N, T] masked with probability 1 − α(t), t [N] (on x0's device;
     the uniforms come from the CPU generator)."""
-    u = torch.rand(x0.shape, dtype=torch.float64, generator=generator).to(x0.device)
+    u = torch.rand(x0.shape, dtype=torch.float64, generator=generator).to(x0.device, non_blocking=True)
     masked = u < (1 - alpha(t.to(torch.float64)))[:, None]
     return torch.where(masked, torch.full_like(x0, mask_id), x0)
 
@@ -104,7 +104,7 @@ def stratified_t(n: int, t_range: tuple[float, float], generator: torch.Generato
     stratified is the same idea with an independent offset per stratum). Float64, and never 0:
     w(0) is infinite (rounding could reach 0 once in ~1e15 draws; MIN_T keeps the loss finite)."""
     lo, hi = t_range
-    u = torch.rand(n, dtype=torch.float64, generator=generator).to(device)
+    u = torch.rand(n, dtype=torch.float64, generator=generator).to(device, non_blocking=True)
     return (hi - (torch.arange(n, dtype=torch.float64, device=device) + u) / n * (hi - lo)).clamp_min(MIN_T)
 
 

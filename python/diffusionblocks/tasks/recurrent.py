@@ -213,7 +213,7 @@ class RecurrentDepthLM(CharacterLM):
         `backprop` passes only (None: all)."""
         m = self.model
         cond = m.constant_cond.expand(len(e), -1)
-        state = torch.randn(e.shape, generator=generator).to(e.device)  # drawn on the CPU generator
+        state = torch.randn(e.shape, generator=generator).to(e.device, non_blocking=True)  # drawn on the CPU generator
         first_tracked = 0 if backprop is None else max(0, passes - backprop)
         with untracked(m.core_parameters()) if torch.is_grad_enabled() else contextlib.nullcontext():
             for _ in range(first_tracked):

@@ -9,7 +9,8 @@ max_shift = 4 at 32×32 this is the standard "random crop, padding 4" of CIFAR t
 for digits it is a shift of a digit on its background) and, where asked, a horizontal
 flip of half the images. Only the small draws (the order, 2 offsets and a flip per image)
 come from CPU generators; the gather runs on the device that holds the images, so a GPU
-run copies no pixels from the host and draws the same batches as a CPU run.
+run copies no pixels from the host and draws the same batches as a CPU run. The small
+draws cross with non_blocking=True: a blocking copy would make the host wait for the GPU.
 
 Sources (`load`): "digits" (scikit-learn's, embedded), "cifar10" and "cifar100" (the
 official python archives, cifar.py), "folder" (your own images, one subfolder per class,
@@ -136,7 +137,7 @@ def random_crop(images: torch.Tensor, max_shift: int, generator: torch.Generator
     n, c, h, w = images.shape
     device = images.device
     padded = torch.nn.functional.pad(images, (max_shift,) * 4)
-    dy, dx = torch.randint(0, 2 * max_shift + 1, (2, n, 1), generator=generator).to(device)
+    dy, dx = torch.randint(0, 2 * max_shift + 1, (2, n, 1), generator=generator).to(device, non_blocking=True)
     rows = (dy + torch.arange(h, device=device))[:, None, :, None]     # [n, 1, h, 1]
     cols = (dx + torch.arange(w, device=device))[:, None, None, :]     # [n, 1, 1, w]
     batch = torch.arange(n, device=device)[:, None, None, None]
@@ -146,7 +147,7 @@ def random_crop(images: torch.Tensor, max_shift: int, generator: torch.Generator
 
 def random_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Half the images (drawn from `generator`) mirrored left to right."""
-    flipped = (torch.rand(len(images), generator=generator) < 0.5).to(images.device)
+    flipped = (torch.rand(len(images), generator=generator) < 0.5).to(images.device, non_blocking=True)
     return torch.where(flipped[:, None, None, None], images.flip(-1), images)
 
 
@@ -162,7 +163,8 @@ def train_batch(data: Images, step: int, batch_size: int, seed: int, max_shift: 
     check_batch_size(data, batch_size)
     n = len(data.train_labels)
     epoch, index = divmod(step, n // batch_size)
-    chosen = epoch_order(n, seed, epoch)[index * batch_size:(index + 1) * batch_size].to(data.train_labels.device)
+    chosen = epoch_order(n, seed, epoch)[index * batch_size:(index + 1) * batch_size]
+    chosen = chosen.to(data.train_labels.device, non_blocking=True)
     images = random_crop(data.train_images[chosen], max_shift, generator)
     if flip:
         images = random_flip(images, generator)

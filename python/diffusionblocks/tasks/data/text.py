@@ -97,7 +97,7 @@ def train_batch(ids: torch.Tensor, batch_size: int, length: int, generator: torc
     (the starts come from the CPU `generator`, so any device draws the same windows)."""
     if len(ids) < length:
         raise ValueError(f"model.seq_len: {length} exceeds the {len(ids)} training characters")
-    starts = torch.randint(0, len(ids) - length + 1, (batch_size, 1), generator=generator).to(ids.device)
+    starts = torch.randint(0, len(ids) - length + 1, (batch_size, 1), generator=generator).to(ids.device, non_blocking=True)
     return ids[starts + torch.arange(length, device=ids.device)].long()
 
 
