@@ -1,7 +1,11 @@
 """diffusionblocks_ext: the fused ops of DiffusionBlocks (noise sampling, the denoising
 residual update, the score-matching losses) as PyTorch dispatcher ops with C++/CUDA
 kernels, and a pure-PyTorch reference (`diffusionblocks_ext.reference`) with the same
-signatures that serves whenever the compiled extension is absent."""
+signatures that serves whenever the compiled extension is absent.
+
+Constants: SIGMA_MIN, SIGMA_MAX (the range of noise levels σ), SIGMA_DATA (the data's
+standard deviation in EDM's preconditioning), P_MEAN, P_STD (the log-normal of training σ's);
+HAS_EXT (the compiled extension loaded) and HAS_CUDA_KERNELS (with its CUDA kernels)."""
 
 from . import reference
 from ._checks import values_trusted

@@ -41,6 +41,7 @@ def _per_row(x: torch.Tensor) -> torch.Tensor:
 
 # EDM preconditioning (docs/method.md §2); sigma is a tensor.
 def c_skip(sigma, sigma_data=SIGMA_DATA):
+    """EDM's skip scale: σ_d²/(σ² + σ_d²), the share of z kept in D = c_skip·z + c_out·F."""
     return sigma_data**2 / (sigma**2 + sigma_data**2)
 
 
@@ -51,14 +52,17 @@ def one_minus_c_skip(sigma, sigma_data=SIGMA_DATA):
 
 
 def c_out(sigma, sigma_data=SIGMA_DATA):
+    """EDM's output scale: σ·σ_d/√(σ² + σ_d²), the network's share F of D."""
     return sigma * sigma_data / torch.sqrt(sigma**2 + sigma_data**2)
 
 
 def c_in(sigma, sigma_data=SIGMA_DATA):
+    """EDM's input scale: 1/√(σ² + σ_d²), which brings z = y + σ·ε to unit variance."""
     return 1 / torch.sqrt(sigma**2 + sigma_data**2)
 
 
 def c_noise(sigma):
+    """EDM's noise conditioning: ln(σ)/4, what the level embedding reads."""
     return torch.log(sigma) / 4
 
 

@@ -12,7 +12,7 @@ import torch
 
 from diffusionblocks.config import PRESETS
 from diffusionblocks.task import to_device
-from diffusionblocks.tasks import TASKS
+from diffusionblocks.tasks import task_class
 
 from conftest import tiny_config
 
@@ -22,7 +22,7 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 
 def task_on(preset: str, device, **changes):
     config = tiny_config(preset, **changes)
-    task = TASKS[config.task](config.model)
+    task = task_class(config.task)(config.model)
     task.model.to(device)
     return config, task
 

@@ -19,8 +19,9 @@ from test_cli import PACKAGE_PATHS, run_cli
 FIELDS = ["model.layers=4", "blocks=3", "split=2,1,1", "e2e_steps=6", "checkpoint_every=5", "progress=false"]
 
 
-def torchrun(nproc: int, *args) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(PACKAGE_PATHS), OMP_NUM_THREADS="1")
+def torchrun(nproc: int, *args, paths: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """`diffusionblocks train ARGS` in nproc processes; `paths` go on PYTHONPATH too (a task of your own)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(PACKAGE_PATHS + list(paths)), OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
                "--standalone", "-m", "diffusionblocks", "train", *args]
     return subprocess.run(command, env=env, cwd="/", capture_output=True, text=True, timeout=600)

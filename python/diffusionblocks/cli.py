@@ -1,4 +1,5 @@
 """Command line: `diffusionblocks train [preset] ...`, `diffusionblocks eval DIR`.
+`train --task module:Class [preset]` trains a task of your own (docs/trainer.md).
 A bad config prints one line naming the field and exits with status 2."""
 
 import argparse
@@ -8,7 +9,8 @@ import sys
 from pathlib import Path
 
 from .systems import checkpoint
-from .config import PRESETS, ConfigError, TrainConfig, from_dict, override, preset, validate
+from .config import CUSTOM, PRESETS, ConfigError, TrainConfig, from_dict, override, preset, validate
+from .tasks import TASKS
 
 DEFAULT_PRESET = "vit-digits"
 # `train` flags that set the config field of the same name (any field: --set key=value)
@@ -21,7 +23,10 @@ def parser() -> argparse.ArgumentParser:
                                   "networks as denoisers (DiffusionBlocks), and its end-to-end baseline.")
     commands = top.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train a preset (default: vit-digits)")
-    train.add_argument("preset", nargs="?", help=f"one of: {', '.join(sorted(PRESETS))}")
+    train.add_argument("preset", nargs="?", help=f"one of: {', '.join(sorted(PRESETS))}; with --task, one of "
+                       f"that task's own presets or {CUSTOM} (the default: its Config() defaults)")
+    train.add_argument("--task", help=f"the task: {', '.join(sorted(TASKS))}, or module:Class, a task class of "
+                       "your own, importable from the current directory or PYTHONPATH")
     train.add_argument("--mode", choices=["blocks", "e2e"], help="block-wise (default) or end-to-end")
     train.add_argument("--blocks", type=int, help="number of blocks B")
     train.add_argument("--gamma", type=float, help="overlap of neighbouring noise ranges")
@@ -66,7 +71,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args) -> TrainConfig:
-    config = preset(args.preset or DEFAULT_PRESET)
+    if args.task is not None:
+        config = preset(args.preset or CUSTOM, task=args.task)
+    else:
+        config = preset(args.preset or DEFAULT_PRESET)
     for name in FLAGS:
         if getattr(args, name) is not None:
             setattr(config, name, getattr(args, name))
@@ -78,6 +86,13 @@ def load_run_config(run_dir: Path) -> TrainConfig:
     if not path.exists():
         raise ConfigError(f"dir: {run_dir} holds no run (no config.json)")
     return validate(from_dict(json.loads(path.read_text())))
+
+
+def run_name(config: TrainConfig) -> str:
+    """The preset, after the class name for a task of your own (its presets' names are its own)."""
+    if config.task in TASKS:
+        return config.preset
+    return f"{config.task.rpartition(':')[2]}-{config.preset}"
 
 
 def check_writable(out: Path) -> None:
@@ -95,7 +110,7 @@ def train(args) -> int:
     from .train import Interrupted, Trainer, TrainingError
 
     if args.resume:
-        given = [name for name in ("preset", "out") + FLAGS if getattr(args, name) is not None]
+        given = [name for name in ("preset", "task", "out") + FLAGS if getattr(args, name) is not None]
         if given:
             raise ConfigError(f"resume: the run's config comes from its config.json (change fields with "
                               f"--set); drop --{given[0].replace('_', '-')}")
@@ -106,7 +121,7 @@ def train(args) -> int:
     else:
         config = config_from_args(args)
         blocks = f"-B{config.blocks}" if config.mode == "blocks" else ""
-        out = Path(args.out or f"runs/{config.preset}-{config.mode}{blocks}-seed{config.seed}")
+        out = Path(args.out or f"runs/{run_name(config)}-{config.mode}{blocks}-seed{config.seed}")
         if (out / "config.json").exists():
             raise ConfigError(f"out: {out} already holds a run; continue it with --resume {out} "
                               "or choose another --out")

@@ -1,7 +1,12 @@
 """Run configuration: a dataclass, a registry of named presets (as DiT names its models),
 `key=value` overrides, and validation whose one-line errors start with the field name.
 The fields here are the trainer's; `model` holds the task's own options (its `Config`
-dataclass in tasks/: model shape and task knobs)."""
+dataclass in tasks/: model shape and task knobs).
+
+The task is a registered name (tasks.TASKS) or "module.path:ClassName", a task class of
+your own (tasks.task_class). Presets: the built-in ones by name; a task of your own may
+name its own (its class's `presets`), chosen with `preset(name, task=...)`; "custom" is
+no preset: the task's Config() defaults and the trainer's."""
 
 import dataclasses
 import typing
@@ -11,7 +16,7 @@ import torch
 
 from .errors import ConfigError
 from .partition import BlockPartition, PartitionError
-from .tasks import TASKS
+from .tasks import TASKS, task_class, task_presets
 from .tasks.vit import ViTConfig
 
 MODES = ("blocks", "e2e")
@@ -20,14 +25,20 @@ OFFLOADS = ("none", "cpu", "disk")
 PRECISIONS = ("fp32", "bf16")
 ADAMW = ("auto", "fused", "foreach", "for-loop")
 SHARED = ("global", "per-block")
-__all__ = ["ConfigError", "TrainConfig", "PRESETS", "preset", "override", "validate", "to_dict", "from_dict"]
+CUSTOM = "custom"  # the preset field of a config built from a task's defaults, not a named preset
+__all__ = ["ConfigError", "TrainConfig", "PRESETS", "CUSTOM", "preset", "preset_names", "override", "validate",
+           "to_dict", "from_dict"]
 
 
 @dataclass
 class TrainConfig:
-    preset: str = "vit-digits"
-    task: str = "vit"                    # a key of tasks.TASKS
-    model: typing.Any = field(default_factory=ViTConfig)  # TASKS[task].Config
+    """One run, in full: the trainer's fields below, and the task's options in `model` (its
+    `Config`). Build one with `preset()`, change it with `override()` or attributes, check
+    it with `validate()`; config.json holds it, so a run can be resumed and evaluated."""
+
+    preset: str = "vit-digits"           # a preset of the task (see preset()), or "custom"
+    task: str = "vit"                    # a key of tasks.TASKS, or "module.path:ClassName" (your own)
+    model: typing.Any = field(default_factory=ViTConfig)  # task_class(task).Config
     mode: str = "blocks"                 # "blocks" (DiffusionBlocks) or "e2e" (the baseline)
     blocks: int = 3                      # B
     split: tuple[int, ...] | None = None  # layers per block, block 0 first; None = equal
@@ -103,7 +114,7 @@ class TrainConfig:
 
     def partition_plan(self) -> BlockPartition:
         """The blocks of this run, on the task's axis of noise levels (σ, or masking t)."""
-        axis = TASKS[self.task].level_name
+        axis = task_class(self.task).level_name
         if self.mode == "e2e":
             return BlockPartition(self.model.layers, 1, self.partition, 0.0, axis=axis)
         return BlockPartition(self.model.layers, self.blocks, self.partition, self.gamma, self.split, axis=axis)
@@ -115,13 +126,31 @@ def _preset_factory(name: str, task: str, make):
 
 # Each task class names its presets (name -> a function returning TrainConfig fields).
 PRESETS = {name: _preset_factory(name, task, make)
-           for task, task_class in TASKS.items() for name, make in task_class.presets.items()}
+           for task, kind in TASKS.items() for name, make in kind.presets.items()}
 
 
-def preset(name: str) -> TrainConfig:
-    if name not in PRESETS:
-        raise ConfigError(f"preset: unknown preset {name!r}; choose from {', '.join(sorted(PRESETS))}")
-    return PRESETS[name]()
+def preset(name: str, task: str | None = None) -> TrainConfig:
+    """The TrainConfig of a named preset. Without `task`: a built-in preset (PRESETS). With
+    `task` (a registered name or "module.path:ClassName"): one of that task class's own
+    `presets`, or "custom": the task's Config() defaults and TrainConfig's own (so are the
+    task's options where its preset does not give `model`)."""
+    if task is None:
+        if name not in PRESETS:
+            raise ConfigError(f"preset: unknown preset {name!r}; choose from {', '.join(sorted(PRESETS))}")
+        return PRESETS[name]()
+    options = task_class(task).Config
+    presets = task_presets(task)
+    if name not in presets and name != CUSTOM:
+        raise ConfigError(f"preset: unknown preset {name!r} for task {task!r}; choose from "
+                          f"{', '.join(preset_names(task))}")
+    values = presets[name]() if name in presets else {}
+    return TrainConfig(preset=name, task=task, **{"model": options(), **values})
+
+
+def preset_names(task: str) -> list[str]:
+    """The presets a config of `task` may name: any built-in one for a registered task (as
+    before), a task of your own its class's `presets`; and "custom" for every task."""
+    return sorted(PRESETS if task in TASKS else task_presets(task)) + [CUSTOM]
 
 
 def _parse(name: str, kind, text: str):
@@ -159,12 +188,15 @@ def override(config: TrainConfig, assignments: list[str]) -> TrainConfig:
 
 
 def validate(config: TrainConfig) -> TrainConfig:
+    """`config` itself if every field is valid (the task's options checked by its
+    `Config.check`); else raises ConfigError whose one line names the first bad field."""
+
     def need(ok: bool, message: str):
         if not ok:
             raise ConfigError(message)
 
-    need(config.preset in PRESETS, f"preset: unknown preset {config.preset!r}; choose from "
-         f"{', '.join(sorted(PRESETS))}")
+    names = preset_names(config.task)  # resolves the task first: a bad task is named as such
+    need(config.preset in names, f"preset: unknown preset {config.preset!r}; choose from {', '.join(names)}")
     need(config.mode in MODES, f"mode: expected one of {', '.join(MODES)}, got {config.mode!r}")
     need(config.block_schedule in BLOCK_SCHEDULES,
          f"block_schedule: expected one of {', '.join(BLOCK_SCHEDULES)}, got {config.block_schedule!r}")
@@ -183,9 +215,12 @@ def validate(config: TrainConfig) -> TrainConfig:
          "for CPU training; with device=cuda use offload=cpu (host memory)")
     need(config.blocks >= 1, f"blocks: expected at least 1, got {config.blocks}")
     need(config.gamma >= 0, f"gamma: expected an overlap >= 0, got {config.gamma:g}")
-    need(config.task in TASKS, f"task: expected one of {', '.join(sorted(TASKS))}, got {config.task!r}")
-    need(isinstance(config.model, TASKS[config.task].Config),
-         f"model: expected the options of task {config.task!r}, got {type(config.model).__name__}")
+    options = task_class(config.task).Config
+    need(isinstance(config.model, options), f"model: expected the options of task {config.task!r} "
+         f"({_qualified(options)}), got {_qualified(type(config.model))}" + (
+             "; the same class imported twice? A script's own classes live in __main__: take the options "
+             "from the task the config names, e.g. preset('custom', task=...).model"
+             if type(config.model).__qualname__ == options.__qualname__ else ""))
     config.model.check(config)
     need(config.e2e_steps >= 1, f"e2e_steps: expected at least 1, got {config.e2e_steps}")
     need(config.e2e_epochs >= 0, f"e2e_epochs: expected >= 0 (0 = use e2e_steps), got {config.e2e_epochs:g}")
@@ -215,6 +250,10 @@ def validate(config: TrainConfig) -> TrainConfig:
     return config
 
 
+def _qualified(kind: type) -> str:
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
 def _device_type(name: str) -> str | None:
     try:
         return torch.device(name).type
@@ -228,10 +267,7 @@ def to_dict(config: TrainConfig) -> dict:
 
 def from_dict(values: dict) -> TrainConfig:
     values = dict(values)
-    task = values.get("task", "vit")
-    if task not in TASKS:
-        raise ConfigError(f"task: expected one of {', '.join(sorted(TASKS))}, got {task!r}")
-    options = TASKS[task].Config
+    options = task_class(values.get("task", "vit")).Config
     model_values = values.pop("model")
     unknown = sorted(set(model_values) - {f.name for f in dataclasses.fields(options)})
     if unknown:

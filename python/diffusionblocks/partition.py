@@ -108,6 +108,11 @@ class MaskingAxis:
 
 
 class BlockPartition:
+    """The B blocks of a run: block b's contiguous layers (`layers(b)`, `enter(b)`), its
+    range of noise levels on the task's axis (`level_range(b)`, widened by γ:
+    `training_range(b)`) and the block that owns a level (`block_of`). Built by
+    `TrainConfig.partition_plan()`; tasks receive it as `plan`."""
+
     def __init__(self, num_layers: int, num_blocks: int, partition: str = "equi", gamma: float = 0.0,
                  split=None, axis: str = "sigma"):
         if axis == "sigma":

@@ -40,7 +40,7 @@ from .systems.parallel import BlockParallel
 from .systems.shared import SharedCopies
 from .systems.signals import Interrupted, deferred_signals
 from .task import shared_parameters, to_device
-from .tasks import TASKS
+from .tasks import task_class
 
 __all__ = ["Trainer", "TrainingError", "Interrupted"]
 
@@ -100,6 +100,11 @@ def epochs_to_steps(config: TrainConfig, task) -> int:
 
 
 class Trainer:
+    """The one training loop, block-wise or end to end (config.mode), of the task the config
+    names (a registered name or "module.path:ClassName"): `run()` trains, evaluates and
+    writes the run directory `out_dir` (config, log, checkpoints, report); `evaluate()`
+    gives the test metrics of the model as it is; `resume()` loads the last checkpoint."""
+
     def __init__(self, config: TrainConfig, out_dir=None):
         self.config = validate(config)
         self.out_dir = Path(out_dir) if out_dir is not None else None
@@ -109,7 +114,7 @@ class Trainer:
         self.is_main = self.parallel is None or self.parallel.rank == 0  # writes logs, checkpoints, report
         self.device = training_device(config, self.parallel)
         torch.manual_seed(config.seed)  # the initial weights: drawn on the CPU, the same on any device
-        self.task = TASKS[config.task](config.model)
+        self.task = task_class(config.task)(config.model)
         if config.e2e_epochs:
             config.e2e_steps = epochs_to_steps(config, self.task)
         self.model = self.task.model
@@ -278,6 +283,7 @@ class Trainer:
 
     # --- evaluation --------------------------------------------------------------------
     def evaluate(self) -> dict:
+        """The task's test metrics (test_*) of the model as it is, in eval mode."""
         self.model.eval()
         try:
             return self.task.evaluate(self.plan, self.config.mode)

@@ -44,7 +44,7 @@ class Checkpoint:
     step: int
     config: dict
     weights: dict[str, torch.Tensor]
-    state: dict
+    state: dict | None  # None from load_weights, which never reads state.pt
 
 
 def _sha256(path: Path) -> str:
@@ -136,24 +136,45 @@ def _candidates(root: Path) -> list[Path]:
     return ([named] if named in folders else []) + [f for f in folders if f != named]
 
 
-def load(out_dir, warn=lambda message: print(message, file=sys.stderr)) -> Checkpoint:
-    """The newest intact checkpoint of a run; damaged ones are reported through `warn` and skipped."""
+def _newest_intact(out_dir, read, warn) -> tuple[Path, dict, object]:
+    """(folder, manifest, read(folder)) of the newest checkpoint whose hashes verify and that
+    `read` can read; damaged ones are reported through `warn` and skipped."""
     root = Path(out_dir) / DIRNAME
     problems = []
     for folder in _candidates(root):
         try:
             manifest = _verify(folder)
-            weights = load_file(str(folder / FILES[0]))
-            # on the CPU whatever device trained the run: load_state_dict puts each tensor back
-            # beside its parameter, and a GPU run can be evaluated on a machine without one
-            state = torch.load(folder / FILES[1], weights_only=True, map_location="cpu")
+            return folder, manifest, read(folder)
         except Exception as error:  # any damage: report it, fall back to an older checkpoint
             problems.append(f"{folder.name}: {error}")
             warn(f"diffusionblocks: warning: checkpoint {folder} is damaged ({error}); trying an older one")
-            continue
-        return Checkpoint(folder, manifest["step"], manifest["config"], weights, state)
     detail = "; ".join(problems) if problems else "none found"
     raise CheckpointError(f"checkpoint: no intact checkpoint in {root} ({detail})")
+
+
+def _warn_on_stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def load(out_dir, warn=_warn_on_stderr) -> Checkpoint:
+    """The newest intact checkpoint of a run; damaged ones are reported through `warn` and skipped."""
+    def read(folder: Path):
+        weights = load_file(str(folder / FILES[0]))
+        # on the CPU whatever device trained the run: load_state_dict puts each tensor back
+        # beside its parameter, and a GPU run can be evaluated on a machine without one
+        return weights, torch.load(folder / FILES[1], weights_only=True, map_location="cpu")
+
+    folder, manifest, (weights, state) = _newest_intact(out_dir, read, warn)
+    return Checkpoint(folder, manifest["step"], manifest["config"], weights, state)
+
+
+def load_weights(out_dir, warn=_warn_on_stderr) -> Checkpoint:
+    """The model weights (on the CPU) of the checkpoint `load` would choose, with its step and
+    config; `state` is None. It reads model.safetensors and the manifest only: state.pt (a torch
+    pickle of the optimizer state) is hashed, as every file is, but never unpickled, so a run
+    directory from anywhere can be loaded for inference without running code from it."""
+    folder, manifest, weights = _newest_intact(out_dir, lambda folder: load_file(str(folder / FILES[0])), warn)
+    return Checkpoint(folder, manifest["step"], manifest["config"], weights, None)
 
 
 def _flatten(values: dict, prefix: str = "") -> dict:
@@ -166,10 +187,12 @@ def _flatten(values: dict, prefix: str = "") -> dict:
     return flat
 
 
-def refuse_structure_change(saved: Checkpoint, config: dict, state_dict: dict[str, torch.Tensor]) -> None:
+def refuse_structure_change(saved: Checkpoint, config: dict, state_dict: dict[str, torch.Tensor],
+                            field: str = "resume") -> None:
     """A checkpoint restores only into the model and the blocks it was trained as: raises
     ConfigError naming the changed fields when `config` (the run's, as a dict) or the
-    shapes of `state_dict` (the model's) differ from what was saved."""
+    shapes of `state_dict` (the model's) differ from what was saved. `field` begins the
+    message (the command or config field that asked)."""
     before, now = _flatten(saved.config), _flatten(json.loads(json.dumps(config)))  # as saved: tuples are lists
     structural = [k for k in ("task", "mode", "blocks", "split", "shared") if before.get(k) != now.get(k)]
     shapes = {name: tuple(t.shape) for name, t in saved.weights.items()}
@@ -177,5 +200,5 @@ def refuse_structure_change(saved: Checkpoint, config: dict, state_dict: dict[st
         structural += [k for k in now if k.startswith("model.") and before.get(k) != now.get(k)] or ["model"]
     if structural:
         changes = ", ".join(f"{k} ({before.get(k)!r} -> {now.get(k)!r})" for k in structural)
-        raise ConfigError(f"resume: the checkpoint in {saved.folder} was trained with another model "
+        raise ConfigError(f"{field}: the checkpoint in {saved.folder} was trained with another model "
                           f"or partition; changed: {changes}")
