@@ -117,7 +117,7 @@ def test_sample_refuses_a_task_that_generates_nothing(tmp_path, capsys):
     assert cli.main(["train", "vit-digits-tiny", "--out", str(out), "--set", "e2e_steps=2", "progress=false"]) == 0
     capsys.readouterr()
     assert cli.main(["sample", str(out)]) == 2
-    assert capsys.readouterr().err.startswith("diffusionblocks: error: dir: the 'vit' task of")
+    assert capsys.readouterr().err.startswith("diffusionblocks: error: sample: the 'vit' task of")
 
 
 @pytest.mark.parametrize("preset, task", [("dit-digits-tiny", "dit"), ("mdm-text-tiny", "mdm")])

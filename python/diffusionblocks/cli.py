@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .systems import checkpoint
 from .config import CUSTOM, PRESETS, ConfigError, TrainConfig, from_dict, override, preset, validate
+from .inference import load
 from .tasks import TASKS
 
 DEFAULT_PRESET = "vit-digits"
@@ -165,32 +166,17 @@ def trained(run_dir: Path, device: str | None = None):
 
 def evaluate(args) -> int:
     run_dir = Path(args.dir)
-    trainer = trained(run_dir, args.device)
-    result = {"dir": str(run_dir), "step": trainer.step, "metrics": trainer.evaluate()}
+    model = load(run_dir, args.device)
+    result = {"dir": str(run_dir), "step": model.step, "metrics": model.evaluate()}
     (run_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
     return 0
 
 
 def sample(args) -> int:
-    import torch
-
-    from .task import SampleRequest
-
-    run_dir = Path(args.dir)
-    trainer = trained(run_dir, args.device)
-    if not hasattr(trainer.task, "sample"):
-        raise ConfigError(f"dir: the {trainer.config.task!r} task of {run_dir} generates nothing to sample")
-    for name in ("steps", "count", "tokens"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise ConfigError(f"{name}: expected at least 1, got {getattr(args, name)}")
-    request = SampleRequest(steps=args.steps, sampler=args.sampler, cfg=args.cfg, label=args.label,
-                            count=args.count, prompt=args.prompt, tokens=args.tokens, decoding=args.decoding,
-                            seed=args.seed,
-                            out=Path(args.out) if args.out else None, run_dir=run_dir)
-    trainer.model.eval()
-    with torch.no_grad():
-        summary = trainer.task.sample(trainer.plan, trainer.config.mode, request)
+    summary = load(Path(args.dir), args.device).sample(
+        steps=args.steps, sampler=args.sampler, cfg=args.cfg, label=args.label, count=args.count,
+        prompt=args.prompt, tokens=args.tokens, decoding=args.decoding, seed=args.seed, out=args.out)
     print(json.dumps(summary))
     return 0
 
