@@ -7,10 +7,11 @@
     run.sample(seed=1, count=4)         # generative tasks: what `diffusionblocks sample DIR` does
 
 `load` reads the run's config.json and the model weights of its newest intact checkpoint
-(model.safetensors, hash-verified against the checkpoint's manifest). It never unpickles
-anything from the run directory: state.pt (the optimizer state, a torch pickle) is hashed
-like every checkpoint file but not read, so loading a run someone sent you runs no code
-from it. The model is built exactly as `diffusionblocks eval` builds it (the trainer's
+(model.safetensors, hash-verified against the checkpoint's manifest). It runs no code from
+the run directory: state.pt (the optimizer state, a torch pickle) is hashed like every
+checkpoint file but not read, except for a run with shared=per-block, whose blocks' copies
+of the shared modules are saved there; that file is then read with
+torch.load(weights_only=True), whose unpickler builds only tensors and plain containers. The model is built exactly as `diffusionblocks eval` builds it (the trainer's
 construction: the task from the config's `task`, precision, compile, offload), so
 `evaluate()` returns eval's metrics bit for bit."""
 
@@ -179,18 +180,13 @@ def load(run_dir, device: str | torch.device | None = None) -> TrainedModel:
     config sets them; torch's global random state is left as it was.
 
     Raises ConfigError (one line beginning with the field): no config.json, or one that is
-    not a valid config ("dir: ..."); a device this machine lacks ("device: ..."); a run
-    with shared=per-block, whose per-block shared modules are only in state.pt ("shared:
-    ..."). CheckpointError (a ConfigError): no intact checkpoint in the run directory, or
+    not a valid config ("dir: ..."); a device this machine lacks ("device: ...").
+    CheckpointError (a ConfigError): no intact checkpoint in the run directory, or
     weights that do not fit the config's model ("checkpoint: ..." / "load: ...")."""
     from .train import Trainer  # torch and the tasks' modules load only here
 
     run_dir = Path(run_dir)
     config = read_config(run_dir)
-    if config.shared == "per-block":
-        raise ConfigError(f"shared: {run_dir} trained a copy of the shared modules per block (shared=per-block); "
-                          "those copies are saved only with the optimizer state (state.pt), which load() does "
-                          f"not unpickle; evaluate it with: diffusionblocks eval {run_dir}")
     _place(config, device)
     warnings = []
 
@@ -198,7 +194,11 @@ def load(run_dir, device: str | torch.device | None = None) -> TrainedModel:
         warnings.append(message)
         print(message, file=sys.stderr)
 
-    saved = checkpoint.load_weights(run_dir, warn)
+    # shared=per-block: the blocks' copies of the shared modules are saved with the optimizer
+    # state (state.pt), read with torch.load(weights_only=True), whose unpickler builds only
+    # tensors and plain containers and runs no code from the file.
+    per_block = config.shared == "per-block"
+    saved = checkpoint.load(run_dir, warn) if per_block else checkpoint.load_weights(run_dir, warn)
     with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if config.on_gpu else []):
         trainer = Trainer(config)  # no run directory: nothing is written there (disk offload: a temp folder)
     checkpoint.refuse_structure_change(saved, to_dict(config), trainer.model.state_dict(), field="load")
@@ -209,6 +209,8 @@ def load(run_dir, device: str | torch.device | None = None) -> TrainedModel:
         raise CheckpointError(f"load: {saved.folder / checkpoint.FILES[0]} does not hold the weights of the "
                               f"{config.task!r} model of {run_dir / 'config.json'} ({detail})")
     trainer.model.load_state_dict(saved.weights, strict=True)
+    if per_block:
+        trainer.shared_copies.load_state_dict(saved.state["shared_copies"])
     if trainer.offload is not None:
         trainer.offload.adopt_all()  # as after a resume: every block to its offloaded home
     trainer.model.eval()
