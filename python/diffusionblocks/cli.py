@@ -9,8 +9,10 @@ import sys
 from pathlib import Path
 
 from .systems import checkpoint
-from .config import CUSTOM, PRESETS, ConfigError, TrainConfig, from_dict, override, preset, validate
-from .inference import load
+from .config import CUSTOM, PRESETS, ConfigError, TrainConfig, override, preset, validate
+from .inference import load, place, read_config
+from .sampler import SAMPLERS
+from .tasks.charlm import DECODINGS
 from .tasks import TASKS
 
 DEFAULT_PRESET = "vit-digits"
@@ -54,13 +56,13 @@ def parser() -> argparse.ArgumentParser:
     sample.add_argument("dir")
     sample.add_argument("--device", help="where to sample (default: where the run trained)")
     sample.add_argument("--steps", type=int, help="noise levels N (default: the task's)")
-    sample.add_argument("--sampler", choices=["euler", "heun"], default="euler")
+    sample.add_argument("--sampler", choices=SAMPLERS, default="euler")
     sample.add_argument("--cfg", type=float, help="classifier-free guidance scale")
     sample.add_argument("--class", dest="label", type=int, help="sample this class only (default: all)")
     sample.add_argument("--count", type=int, help="samples per class, or sequences")
     sample.add_argument("--prompt", help="text tasks: the prompt to continue")
     sample.add_argument("--tokens", type=int, help="text tasks: tokens to generate")
-    sample.add_argument("--decoding", choices=["greedy", "ancestral", "top-p"],
+    sample.add_argument("--decoding", choices=DECODINGS,
                         help="autoregressive and recurrent LMs: how each character is chosen (default: greedy)")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--out", help="output file (default: in the run directory)")
@@ -80,13 +82,6 @@ def config_from_args(args) -> TrainConfig:
         if getattr(args, name) is not None:
             setattr(config, name, getattr(args, name))
     return validate(override(config, [item for group in args.set for item in group]))
-
-
-def load_run_config(run_dir: Path) -> TrainConfig:
-    path = run_dir / "config.json"
-    if not path.exists():
-        raise ConfigError(f"dir: {run_dir} holds no run (no config.json)")
-    return validate(from_dict(json.loads(path.read_text())))
 
 
 def run_name(config: TrainConfig) -> str:
@@ -116,7 +111,7 @@ def train(args) -> int:
             raise ConfigError(f"resume: the run's config comes from its config.json (change fields with "
                               f"--set); drop --{given[0].replace('_', '-')}")
         out = Path(args.resume)
-        config = validate(override(load_run_config(out), [item for group in args.set for item in group]))
+        config = validate(override(read_config(out), [item for group in args.set for item in group]))
         if not checkpoint.exists(out):
             raise ConfigError(f"resume: {out} has no checkpoint to resume from")
     else:
@@ -147,18 +142,13 @@ def train(args) -> int:
 
 def trained(run_dir: Path, device: str | None = None):
     """The Trainer of a finished or interrupted run, at its last checkpoint, on `device`
-    (default: the run's own)."""
+    (default: the run's own), placed as `load` places it."""
     from .train import Trainer
 
-    config = load_run_config(run_dir)
+    config = read_config(run_dir)
     if not checkpoint.exists(run_dir):
         raise ConfigError(f"dir: {run_dir} has no checkpoint")
-    config.parallel = "none"  # a block-parallel run's checkpoint holds every block: one process serves it
-    if device is not None:
-        config.device = device
-        if config.offload != "none":  # a model that needed offload to train needs it to run too
-            config.offload = "cpu" if config.on_gpu else "disk"
-        validate(config)
+    place(config, device)
     trainer = Trainer(config, run_dir)
     trainer.resume()
     return trainer

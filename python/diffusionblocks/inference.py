@@ -25,12 +25,12 @@ from .config import TrainConfig, from_dict, to_dict, validate
 from .errors import ConfigError, one_of
 from .systems import checkpoint
 from .systems.checkpoint import CheckpointError
+from .sampler import SAMPLERS
 from .task import SampleRequest, device_of
+from .tasks.charlm import DECODINGS
 
 __all__ = ["load", "read_config", "TrainedModel", "CheckpointError", "ConfigError"]
 
-SAMPLERS = ("euler", "heun")
-DECODINGS = ("greedy", "ancestral", "top-p")
 PREDICT_BATCH = 1000  # images per chain: evaluation's (tasks/vit.py EVAL_BATCH), so predict matches it
 
 
@@ -50,7 +50,7 @@ def read_config(run_dir) -> TrainConfig:
                           f"{str(error).splitlines()[0] if str(error) else ''})") from None
 
 
-def _place(config: TrainConfig, device) -> None:
+def place(config: TrainConfig, device) -> None:
     """`config` set up to serve on `device` as `diffusionblocks eval --device` does: one
     process, and a run that needed offload to train keeps it (host memory from a GPU,
     memory-mapped files on the CPU). No device: the run's own, or the CPU when the run
@@ -187,7 +187,7 @@ def load(run_dir, device: str | torch.device | None = None) -> TrainedModel:
 
     run_dir = Path(run_dir)
     config = read_config(run_dir)
-    _place(config, device)
+    place(config, device)
     warnings = []
 
     def warn(message: str) -> None:
