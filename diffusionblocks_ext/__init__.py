@@ -8,13 +8,12 @@ standard deviation in EDM's preconditioning), P_MEAN, P_STD (the log-normal of t
 HAS_EXT (the compiled extension loaded) and HAS_CUDA_KERNELS (with its CUDA kernels)."""
 
 from . import reference
+from ._version import __version__
 from ._checks import values_trusted
 from .ops import (HAS_CUDA_KERNELS, HAS_EXT, add_noise, backend, denoise, edm_loss, euler_step,
                   heun_step, sample_sigma, weighted_cross_entropy)
 from .reference import (P_MEAN, P_STD, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, c_in, c_noise, c_out,
                         c_skip, loss_weight)
-
-__version__ = "0.1.0"
 
 __all__ = [
     "HAS_EXT", "HAS_CUDA_KERNELS", "backend", "sample_sigma", "add_noise", "denoise", "euler_step",

@@ -16,6 +16,7 @@ export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA
 cp diffusionblocks_ext/*.py "$BUILD/lib/diffusionblocks_ext/"
 cd "$BUILD/lib"
 "$VENV/bin/python" - <<'PY'
+import os
 import torch
 import diffusionblocks_ext._C as C
 ops = ["sample_sigma_", "add_noise", "denoise", "euler_step", "heun_step", "edm_loss",
@@ -24,5 +25,9 @@ missing = [op for op in ops for key in ("CPU", "CUDA")
            if not torch._C._dispatch_has_kernel_for_dispatch_key(f"diffusionblocks::{op}", key)]
 assert C.has_cuda_kernels(), "built without CUDA kernels"
 assert not missing, f"ops without a kernel: {missing}"
+info = C.build_info()  # what the build report shows: the archs asked for, nvcc's release
+assert info["cuda_kernels"] and info["cuda_archs"] == os.environ["TORCH_CUDA_ARCH_LIST"], info
+assert info["cuda_toolkit"] not in ("", "unknown") and info["torch"] == torch.__version__, info
 print(f"CUDA build OK: torch {torch.__version__}, {len(ops)} ops with CPU and CUDA kernels")
 PY
+"$VENV/bin/python" -m diffusionblocks_ext

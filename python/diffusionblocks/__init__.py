@@ -16,6 +16,8 @@ The public API, for training a task of your own without editing the package
   `zero_init_modulation` (adaLN-Zero conditioning on the noise level), `denoise_chain`,
   `expected_embedding` (the Euler chain over the blocks)."""
 
+from diffusionblocks_ext import __version__
+
 from .config import TrainConfig, override, preset, validate
 from .errors import ConfigError
 from .inference import load
@@ -24,8 +26,6 @@ from .sampler import denoise_chain, expected_embedding
 from .task import SampleRequest, Task, device_of, shared_parameters
 from .tasks.layers import AdaptiveNorm, LevelEmbedder, zero_init_modulation
 from .train import Trainer, TrainingError
-
-__version__ = "0.1.0"
 
 __all__ = [
     "Trainer", "TrainConfig", "preset", "override", "validate", "Task", "SampleRequest", "BlockPartition",

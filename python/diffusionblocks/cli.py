@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from diffusionblocks_ext import __version__
+
 from .systems import checkpoint
 from .config import CUSTOM, PRESETS, ConfigError, TrainConfig, override, preset, validate
 from .inference import load, place, read_config
@@ -24,6 +26,7 @@ FLAGS = ("mode", "blocks", "gamma", "partition", "seed", "parallel", "device", "
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="diffusionblocks", description="Block-wise training of residual "
                                   "networks as denoisers (DiffusionBlocks), and its end-to-end baseline.")
+    top.add_argument("--version", action="version", version=f"diffusionblocks {__version__}")
     commands = top.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train a preset (default: vit-digits)")
     train.add_argument("preset", nargs="?", help=f"one of: {', '.join(sorted(PRESETS))}; with --task, one of "
@@ -70,6 +73,9 @@ def parser() -> argparse.ArgumentParser:
                                 "(see bench WHAT --help)")
     bench.add_argument("what", choices=["memory", "presets", "train"])
     bench.add_argument("options", nargs=argparse.REMAINDER)
+    info = commands.add_parser("info", help="the build report for a bug report: versions, which kernels serve "
+                               "CPU and CUDA tensors, how they were built, what the environment changed")
+    info.add_argument("--json", action="store_true", help="print it as JSON")
     return top
 
 
@@ -177,7 +183,25 @@ def bench(args) -> int:
     return {"memory": bench_memory, "presets": bench_presets, "train": bench_train}[args.what].main(args.options)
 
 
-COMMANDS = {"train": train, "eval": evaluate, "sample": sample, "bench": bench}
+def info(args) -> int:
+    from diffusionblocks_ext import build_report
+
+    from .tasks.data import fetch
+    from .tasks.text_quality import cache_folder
+
+    report = build_report.collect()
+    report["diffusionblocks"] = __version__
+    report["data_cache"] = f"{fetch.cache_dir()}" + (" (offline: no downloads)" if fetch.offline() else "")
+    report["model_cache"] = str(cache_folder())
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"diffusionblocks      {__version__}\n{build_report.render(report)}\n"
+              f"data cache           {report['data_cache']}\nmodel cache          {report['model_cache']}")
+    return 0
+
+
+COMMANDS = {"train": train, "eval": evaluate, "sample": sample, "bench": bench, "info": info}
 
 
 def main(argv=None) -> int:
