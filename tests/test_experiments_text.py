@@ -39,10 +39,15 @@ def test_the_recurrent_comparison_scores_mauve_at_every_k(tmp_path, monkeypatch,
             "model.quality_prompts=8", "model.quality_prompt_chars=4", "model.quality_chars=4", "model.evaluator=tiny",
             "e2e_steps=4", "warmup_e2e_steps=1", "batch_size=4", "checkpoint_every=4"]
     out = tmp_path / "out"
-    experiments_text.main(["--preset", "recurrent-text", "--out", str(out), "--seeds", "0", "--threads", "1",
+    experiments_text.main(["--preset", "recurrent-text", "--out", str(out), "--seeds", "0", "1", "--threads", "1",
                            "--only", "e2e (Huginn)", "blocks", "--mauve-per-k", "--set", *tiny])
     by_k = json.loads((out / "mauve_by_K.json").read_text())
-    assert set(by_k) == {"e2e (Huginn)", "blocks"} and all(set(runs) == {"2", "3"} for runs in by_k.values())
+    assert set(by_k) == {"e2e (Huginn)", "blocks"}
+    assert all(set(by_seed) == {"0", "1"} and all(set(runs) == {"2", "3"} for runs in by_seed.values())
+               for by_seed in by_k.values())
     table = (out / "table.md").read_text()
-    assert "| setting | K = 2 | K = 3 |" in table and "Brier K=3" in table
+    assert "| setting | K = 2 | K = 3 |" in table and "Brier K=3" in table and "over seeds 0, 1" in table
+    blocks_k2 = [by_k["blocks"][seed]["2"] for seed in ("0", "1")]
+    mean, std = experiments_text.mean_std(blocks_k2)
+    assert f"| blocks | {mean:.3f} ± {std:.3f} |" in table
     capsys.readouterr()

@@ -135,25 +135,41 @@ def markdown(rows: list[dict], header: str) -> str:
 
 def mauve_by_recurrence(results: dict[str, list[dict]], settings, out: Path) -> dict:
     """Recurrent task: MAUVE of the like-for-like decoding at every K of the headline runs'
-    eval_recurrences (first seed, one sampling seed: generation costs K passes a character),
-    from their checkpoints. Cached in OUT/mauve_by_K.json."""
+    eval_recurrences, for every seed (one sampling seed each: generation costs K passes a
+    character), from their checkpoints. Cached in OUT/mauve_by_K.json as
+    {setting: {seed: {K: MAUVE}}}."""
     from ..cli import trained
 
     path = out / "mauve_by_K.json"
     cached = json.loads(path.read_text()) if path.exists() else {}
     for name, _, headline in settings:
-        if not headline or name in cached:
+        if not headline:
             continue
-        run_dir = out / slug(name) / f"seed{results[name][0]['seed']}"
-        trainer = trained(run_dir)
-        task, mode = trainer.task, trainer.config.mode
-        task.model.eval()
-        cached[name] = {
-            str(k): task.generation_report(trainer.plan, mode, steps=k, decodings=task.decodings(mode)[:1],
-                                           sampling_seeds=(0,))["mauve"]
-            for k in task.options.eval_recurrences}
-        path.write_text(json.dumps(cached, indent=2) + "\n")
+        by_seed = cached.setdefault(name, {})
+        for report in results[name]:
+            if str(report["seed"]) in by_seed:
+                continue
+            trainer = trained(out / slug(name) / f"seed{report['seed']}")
+            task, mode = trainer.task, trainer.config.mode
+            task.model.eval()
+            by_seed[str(report["seed"])] = {
+                str(k): task.generation_report(trainer.plan, mode, steps=k, decodings=task.decodings(mode)[:1],
+                                               sampling_seeds=(0,))["mauve"]
+                for k in task.options.eval_recurrences}
+            path.write_text(json.dumps(cached, indent=2) + "\n")
     return cached
+
+
+def mauve_by_recurrence_table(by_k: dict) -> str:
+    ks = sorted({int(k) for by_seed in by_k.values() for runs in by_seed.values() for k in runs})
+    seeds = sorted({seed for by_seed in by_k.values() for seed in by_seed}, key=int)
+    lines = [f"MAUVE at each number of core passes K (mean ± std over seeds {', '.join(seeds)}; each seed one "
+             "sampling seed × 3 clustering seeds):", "",
+             "| setting | " + " | ".join(f"K = {k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+    for name, by_seed in by_k.items():
+        lines.append(f"| {name} | " + " | ".join(
+            cell(mean_std([runs[str(k)] for runs in by_seed.values()])) for k in ks) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
@@ -181,12 +197,7 @@ def main(argv=None):
     rows = summarize(results, settings)
     table = markdown(rows, header)
     if args.mauve_per_k:
-        by_k = mauve_by_recurrence(results, settings, args.out)
-        ks = sorted({int(k) for runs in by_k.values() for k in runs})
-        table += ("\nMAUVE at each number of core passes K (first seed, one sampling seed × 3 clustering seeds):\n\n"
-                  "| setting | " + " | ".join(f"K = {k}" for k in ks) + " |\n|---|" + "---|" * len(ks) + "\n"
-                  + "".join(f"| {name} | " + " | ".join(f"{runs[str(k)]:.3f}" for k in ks) + " |\n"
-                            for name, runs in by_k.items()))
+        table += "\n" + mauve_by_recurrence_table(mauve_by_recurrence(results, settings, args.out))
     (args.out / "table.md").write_text(table)
     (args.out / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
     print(table)
