@@ -131,9 +131,9 @@ def render(info: dict) -> str:
         ]
     lines.append(f"threads              kernels {info['threads_kernels'] or '-'}, torch {info['threads_torch']}")
     environment = info["environment"]
-    lines += [f"env {name:<17}{effect}" for name, effect in environment["dbx"].items()] or \
+    lines += [f"{'env ' + name:<20} {effect}" for name, effect in environment["dbx"].items()] or \
              ["env DBX_*            none set"]
-    lines += [f"env {name:<17}{value}" for name, value in environment["related"].items()]
+    lines += [f"{'env ' + name:<20} {value}" for name, value in environment["related"].items()]
     lines += [f"PROBLEM              {problem}" for problem in info["problems"]]
     return "\n".join(lines)
 
