@@ -55,11 +55,11 @@ def _import_torch():
     return torch
 
 
-def _check_compiler(variable, default, what):
-    command = os.environ.get(variable) or default
+def _check_compiler():
+    command = os.environ.get("CXX") or "c++"  # what torch.utils.cpp_extension compiles with
     if shutil.which(command.split()[0]) is None:
-        _stop(f"cannot build: no {what} `{command}` (install one, e.g. `apt install g++`, or name yours in "
-              f"{variable})")
+        _stop(f"cannot build: no C++ compiler `{command}` (install one, e.g. `apt install g++`, or name yours in "
+              "CXX)")
 
 
 def _host_cpu_flags():
@@ -112,7 +112,7 @@ def extensions():
     sanitize = _flag("DBX_SANITIZE")
     with_cuda = (not _flag("DBX_FORCE_CPU") and not sanitize and torch.version.cuda is not None
                  and (os.path.exists(nvcc) or shutil.which("nvcc") is not None))
-    _check_compiler("CXX", "c++", "C++ compiler")
+    _check_compiler()
     cpu_flags, cpu_name = _host_cpu_flags()
     arch_list = _cuda_arch_list(torch) if with_cuda else ""
     build_options = [name for name in ("DBX_FORCE_CPU", "DBX_PORTABLE", "DBX_SANITIZE") if _flag(name)]

@@ -68,8 +68,6 @@ def _problems(build: dict | None) -> list[str]:
     found = [] if _loader.STATUS in _loader.FINE else [_loader.STATUS]
     if build is not None and build["openmp"] == 0:
         found.append("built without OpenMP: the CPU kernels run on one thread")
-    if build is not None and build["cuda_kernels"] and torch.version.cuda is None:
-        found.append("CUDA kernels compiled in, but this torch has no CUDA")
     return found
 
 

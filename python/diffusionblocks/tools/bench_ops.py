@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as Fn
 
 import diffusionblocks_ext as dbx
-from diffusionblocks_ext import reference
+from diffusionblocks_ext import build_report, reference
 
 SD = 0.5  # sigma_data, written inline in the composites as a user would
 SIGMA_LO, SIGMA_HI = 0.002, 80.0
@@ -470,26 +470,14 @@ def _loadavg():
 
 
 def machine_info(device):
+    """The machine and the build the figures came from: the build report, plus the load."""
+    report = build_report.collect()
     info = {"loadavg_start": _loadavg(), "python": platform.python_version(), "torch": torch.__version__,
-            "platform": platform.platform(), "threads": torch.get_num_threads(),
-            "cores": os.cpu_count(), "cpu": platform.processor() or platform.machine()}
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info["ext"] = {"HAS_EXT": dbx.HAS_EXT, "HAS_CUDA_KERNELS": dbx.HAS_CUDA_KERNELS,
-                   "backend": dbx.backend(torch.empty(0, device=device)),
-                   "DBX_DISABLE_EXT": os.environ.get("DBX_DISABLE_EXT", "")}
-    if dbx.HAS_EXT:
-        try:
-            from diffusionblocks_ext import _C
-            info["ext"]["C_version"] = getattr(_C, "__version__", None)
-            info["ext"]["C_num_threads"] = _C.num_threads() if hasattr(_C, "num_threads") else None
-        except Exception:  # noqa: BLE001
-            pass
+            "platform": report["platform"], "threads": torch.get_num_threads(), "cores": os.cpu_count(),
+            "cpu": report["cpu"]}
+    info["ext"] = {"backend": dbx.backend(torch.empty(0, device=device)),
+                   **{name: report[name] for name in ("extension", "module", "build", "threads_kernels",
+                                                      "environment")}}
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         info["gpu"] = {"name": p.name, "capability": f"{p.major}.{p.minor}",
