@@ -5,7 +5,8 @@ both in every report of the autoregressive and recurrent tasks."""
 import pytest
 import torch
 
-from diffusionblocks.tasks.charlm import brier_exact, brier_from_two_samples, choose
+import diffusionblocks_ext as dx
+from diffusionblocks.tasks.charlm import brier_exact, brier_from_two_samples, choose, likelihood_logits
 from diffusionblocks.train import Trainer
 
 from conftest import tiny_config
@@ -97,6 +98,7 @@ def test_decodings_choose_as_they_say():
     ("model.evaluator=huge", "model.evaluator: expected one of default, tiny, got 'huge'"),
     ("model.noisy_input=raw", "model.noisy_input: expected one of evidence, c_in, got 'raw'"),
     ("model.target_norm=0", "model.target_norm: expected > 0, got 0"),
+    ("model.readout=bayes", "model.readout: expected one of head, posterior, got 'bayes'"),
 ])
 def test_bad_text_options_name_the_field(tmp_path, capsys, preset, setting, message):
     from diffusionblocks import cli
@@ -114,3 +116,31 @@ def test_tied_target_embedding_uses_the_token_table(tmp_path, preset, mode):
     tokens = torch.tensor([[1, 2]])
     torch.testing.assert_close(task.target(tokens).norm(dim=-1), torch.full((1, 2), task.options.target_norm))
     assert 0 <= trainer.run()["metrics"]["test_brier"] <= 2
+
+
+def test_likelihood_logits_are_the_gaussian_log_likelihood_up_to_a_constant():
+    generator = torch.Generator().manual_seed(0)
+    targets = 0.25 * torch.nn.functional.normalize(torch.randn(7, 5, generator=generator, dtype=torch.float64), dim=-1)
+    z = torch.randn(3, 4, 5, generator=generator, dtype=torch.float64)
+    sigma = torch.tensor([0.1, 1.0, 10.0], dtype=torch.float64)
+    log_likelihood = -torch.cdist(z, targets.expand(3, -1, -1)).square() / (2 * sigma[:, None, None] ** 2)
+    difference = likelihood_logits(z, sigma, targets) - log_likelihood  # the same for every target
+    torch.testing.assert_close(difference, difference[..., :1].expand_as(difference))
+
+
+@pytest.mark.parametrize("preset", ["ar-text-tiny", "recurrent-text-tiny"])
+def test_the_posterior_readout_adds_what_z_tells_to_the_heads_logits(tmp_path, preset):
+    trainer = Trainer(tiny_config(preset, readout="posterior"), tmp_path)  # untrained: the head knows nothing
+    task, plan = trainer.task, trainer.plan
+    inputs, ids = task.denoiser_inputs(task.validation[:2])
+    y = task.target(ids)
+    sigma = torch.full((len(y),), 0.002)
+    z, z_in = dx.add_noise(y, sigma, generator=torch.Generator().manual_seed(0))
+    layers = plan.layers(plan.num_blocks - 1)
+    _, posterior = task.denoise(inputs, z, z_in, sigma, layers)
+    task.options.readout = "head"
+    _, head = task.denoise(inputs, z, z_in, sigma, layers)
+    table = task.target(torch.arange(len(task.target_table())))
+    torch.testing.assert_close(posterior, head + likelihood_logits(z, sigma, table), rtol=1e-5, atol=1e-2)
+    # At σ_min z names the character: the posterior is right whatever the head says.
+    assert posterior[:, -ids.shape[1]:].argmax(-1).eq(ids).all()

@@ -7,7 +7,7 @@ import torch
 
 import diffusionblocks_ext as dx
 from diffusionblocks import schedule
-from diffusionblocks.partition import BlockPartition, PartitionError
+from diffusionblocks.partition import BlockPartition, PartitionError, SigmaAxis
 
 # docs/method.md §3, ascending, 5 significant digits.
 EQUI = {
@@ -75,6 +75,17 @@ def test_inference_sigmas_are_equally_spaced_in_the_cdf_and_descending():
     assert torch.allclose(q.diff(), q.diff().mean().expand(4), rtol=1e-9, atol=0)
     # With N = 3 the middle level is the CDF midpoint, which is the B = 2 boundary.
     assert schedule.inference_sigmas(3)[1].item() == pytest.approx(0.3012, rel=5e-5)
+
+
+def test_midpoint_levels_put_one_level_in_the_middle_of_each_block():
+    blocks = 4
+    sigmas = schedule.midpoint_sigmas(blocks)
+    assert sigmas[0] == dx.SIGMA_MAX and sigmas[-1] > dx.SIGMA_MIN and bool((sigmas.diff() < 0).all())
+    axis = SigmaAxis(blocks)
+    assert [int(b) for b in axis.block_of(sigmas)] == list(range(blocks))
+    for block, sigma in enumerate(sigmas[1:].tolist(), start=1):  # the CDF midpoint of the block's interval
+        q_lo, q_hi = schedule._cdf_of_sigma(list(axis.level_range(block))).tolist()
+        assert schedule._cdf_of_sigma(sigma).item() == pytest.approx((q_lo + q_hi) / 2, rel=1e-9)
 
 
 def test_karras_schedule_endpoints_and_rho():

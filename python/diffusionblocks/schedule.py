@@ -74,6 +74,18 @@ def inference_sigmas(num_steps: int) -> torch.Tensor:
     return _pin_ends(_sigma_of_cdf(q_lo + fractions * (q_hi - q_lo))).flip(0)
 
 
+def midpoint_sigmas(num_steps: int) -> torch.Tensor:
+    """σ_max, then the CDF midpoints of intervals 2..N of N equal-probability intervals
+    (descending, float64). With num_steps = B every block runs once, in the middle of its
+    own interval, and the last level stays above σ_min: for discrete targets a level at
+    σ_min only returns the character z already names, so its block would do nothing."""
+    q_lo, q_hi = _cdf_range()
+    fractions = (torch.arange(num_steps, dtype=torch.float64) + 0.5) / num_steps
+    sigmas = _sigma_of_cdf(q_lo + fractions * (q_hi - q_lo)).flip(0)
+    sigmas[0] = dx.SIGMA_MAX  # the chain starts from pure noise
+    return sigmas
+
+
 def karras_sigmas(num_steps: int, rho: float = KARRAS_RHO) -> torch.Tensor:
     """The EDM schedule (σ_max^(1/ρ) + i/(N−1)·(σ_min^(1/ρ) − σ_max^(1/ρ)))^ρ, descending;
     for baselines only (it ignores the training density the partition follows)."""
@@ -92,4 +104,4 @@ def interval_index(sigma: torch.Tensor, boundaries: torch.Tensor) -> torch.Tenso
     return torch.searchsorted(interior, sigma.to(torch.float64).contiguous(), right=True)
 
 
-INFERENCE_SCHEDULES = {"cdf": inference_sigmas, "karras": karras_sigmas}
+INFERENCE_SCHEDULES = {"cdf": inference_sigmas, "midpoint": midpoint_sigmas, "karras": karras_sigmas}

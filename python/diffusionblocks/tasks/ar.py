@@ -8,7 +8,8 @@ z = y + σ·ε). The layers see [clean ; noisy] (length 2T) under the mask of do
 §6: clean row i attends to clean columns <= i (causal); noisy row i attends to clean
 columns < i and to itself, never to another noisy token. A noisy token takes the rotary
 position of the character it stands for. Readout at the noisy rows: final RMSNorm -> F;
-D = c_skip·z + c_out·F; logits = head(adaLN(D)); loss λ(σ)·CE over the T positions
+D = c_skip·z + c_out·F; logits = head(adaLN(D)) (model.readout=posterior adds z's
+log-likelihood ⟨z, y_v⟩/σ², charlm.likelihood_logits); loss λ(σ)·CE over the T positions
 (`weighted_cross_entropy`). Only block b's layers run; the clean stream enters every
 block as plain token embeddings.
 
@@ -87,6 +88,7 @@ class ARConfig:
     target_norm: float = 0.25            # norm of the target y (charlm.py says why not 1)
     tied_target_embedding: bool = False  # the targets use the clean tokens' embedding table
     noisy_input: str = "c_in"            # what the layers get of z: "c_in" or "evidence" (charlm.NOISY_INPUTS)
+    readout: str = "head"                # the logits: "head" or "posterior" (+ log-likelihood of z; charlm.READOUTS)
     previous_char: bool = True           # the noisy token at p also carries character p − 1
     eval_split: str = "validation"       # held-out split evaluated: "validation" or "test" (text8 only)
     eval_windows: int = 256              # windows of seq_len characters evaluated; 0 = all of the split (charlm.py)
@@ -202,7 +204,7 @@ class AutoregressiveLM(CharacterLM):
         z_in = self.noisy_input(z, z_in, sigma)
         h = self.two_stream(clean, z_in, cond, layers)[:, clean.shape[1]:]
         D = dx.denoise(m.final_norm(h), z, sigma)
-        return D, m.logits(D, cond)
+        return D, self.readout_logits(m.logits(D, cond), z, sigma)
 
     def end_to_end(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits [N, T, V] of the plain causal LM: position t predicts character t + 1."""

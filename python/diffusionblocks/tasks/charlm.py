@@ -72,6 +72,7 @@ def check_text_options(options, config) -> list[tuple[bool, str]]:
          f"model.quality_chars: prompt and continuation ({options.quality_prompt_chars} + {options.quality_chars}) "
          f"exceed the {evaluator_config(options).seq_len} characters the evaluator LM reads"),
         one_of("model.noisy_input", options.noisy_input, NOISY_INPUTS),
+        one_of("model.readout", options.readout, READOUTS),
     ]
 
 
@@ -149,6 +150,14 @@ def evidence(z: torch.Tensor, sigma: torch.Tensor, target_norm: float) -> torch.
 
 
 NOISY_INPUTS = ("evidence", "c_in")
+READOUTS = ("head", "posterior")
+
+
+def likelihood_logits(z: torch.Tensor, sigma: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log N(z; y_v, σ²I) for every target y_v (rows of `targets` [V, d], all of one norm),
+    up to a constant per row of z: ⟨z, y_v⟩/σ². z [N, ..., d], σ [N] -> [N, ..., V]."""
+    variance = sigma.reshape((-1,) + (1,) * (z.dim() - 1)).square()
+    return (z / variance) @ targets.t()
 
 
 class CharacterLM(corpora.TextBatches):
@@ -185,6 +194,15 @@ class CharacterLM(corpora.TextBatches):
     def noisy_input(self, z: torch.Tensor, z_in: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """What the layers read of the noisy target: c_in·z (z_in, as given) or `evidence`."""
         return evidence(z, sigma, self.options.target_norm) if self.options.noisy_input == "evidence" else z_in
+
+    def readout_logits(self, logits: torch.Tensor, z: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """The block's logits as model.readout says: the head's ("head"), or the head's plus
+        the likelihood of z ("posterior"): then the head models p(y | context) and Bayes'
+        rule adds what z tells, so no block spends its layers on reading the answer off z."""
+        if self.options.readout == "head":
+            return logits
+        r = self.options.target_norm
+        return logits + likelihood_logits(z, sigma, r * F.normalize(self.target_table(), dim=-1))
 
     def run_chain(self, plan, inputs: torch.Tensor, target_shape: tuple[int, ...], steps: int, generator,
                   normalized: bool | None = None) -> torch.Tensor:

@@ -20,7 +20,8 @@ DiffusionBlocks (--mode blocks, B = 1): the core is one denoiser D(z_σ, e, σ) 
 L2-normalised embedding of the next character, trained over the whole σ range with a
 single pass per step (no unrolling): z = y + σ·ε (one σ per sequence), the core pass on
 [c_in·z ; e] conditioned on σ gives F, D = c_skip·z + c_out·F, logits = readout(D) (the
-coda and head conditioned on σ too), loss λ(σ)·CE. At inference each of the K passes is
+coda and head conditioned on σ too) + ⟨z, y_v⟩/σ², z's log-likelihood (model.readout=
+posterior: the head models the context, Bayes' rule adds what z tells), loss λ(σ)·CE. At inference each of the K passes is
 one Euler step along K noise levels (`sampler.denoise_chain`, σ_max -> σ_min, the
 expected target r·softmax(logits)·Ê between steps), so inference with K
 passes costs prelude + K·(core + coda) layer evaluations: the readout (coda) runs at
@@ -72,6 +73,7 @@ class RecurrentConfig:
     target_norm: float = 1.0             # norm of the target y (charlm.py)
     tied_target_embedding: bool = False  # the targets use the clean tokens' embedding table
     noisy_input: str = "c_in"            # what the core gets of z: "c_in" or "evidence" (charlm.NOISY_INPUTS)
+    readout: str = "posterior"           # the logits: "posterior" (head + log-likelihood of z) or "head" (charlm.READOUTS)
     eval_split: str = "validation"       # held-out split evaluated: "validation" or "test" (text8 only)
     eval_windows: int = 256              # windows of seq_len characters evaluated; 0 = all of the split (charlm.py)
     sample_tokens: int = 200
@@ -242,7 +244,7 @@ class RecurrentDepthLM(CharacterLM):
         cond = self.model.sigma_embed(sigma)
         z_in = self.noisy_input(z, z_in, sigma)
         D = dx.denoise(self.core_pass(z_in, e, cond), z, sigma)
-        return D, self.readout(D, cond)
+        return D, self.readout_logits(self.readout(D, cond), z, sigma)
 
     def block_loss(self, batch, block, plan, generator):
         inputs, targets = batch[:, :-1], batch[:, 1:]

@@ -34,14 +34,24 @@ SETTINGS = {
         ("blocks, no previous char", {"model.previous_char": False}, False),
         ("blocks, 5+1+1+1 layers", {"split": (5, 1, 1, 1)}, False),
         ("blocks, tied embedding", {"model.tied_target_embedding": True}, False),  # one table, as the paper words it
+        # The head models p(y | context) and Bayes' rule adds z's likelihood (charlm.READOUTS).
+        ("blocks, posterior readout", {"model.readout": "posterior"}, False),
+        # ... and each block at the middle of its own interval, none at σ_min (schedule.midpoint_sigmas).
+        ("blocks, posterior readout, midpoint levels", {"model.readout": "posterior",
+                                                        "model.inference_schedule": "midpoint"}, False),
         # 4 layers a block (half the memory saving). Its chain needs levels between σ_max and
         # σ_min to draw a sample: with N = B = 2 the Euler step from σ_max lands on the
         # expected target and the last level returns its nearest character, greedy decoding.
         ("blocks B=2, N=4 levels", {"blocks": 2, "model.inference_steps": 4}, False),
+        # Twice the budget in both modes: does the gap close as the models train longer?
+        ("e2e, 1,000 steps", {"mode": "e2e", "e2e_steps": 1000}, False),
+        ("blocks, 1,000 e2e steps", {"e2e_steps": 1000}, False),
     ],
     "recurrent-text": [
         ("e2e (Huginn)", {"mode": "e2e"}, True),
         ("blocks", {}, True),
+        # The readout before the posterior one: the head's logits alone.
+        ("blocks, head readout", {"model.readout": "head"}, False),
         # The budget before it counted the baseline's K core passes: a quarter of its compute.
         ("blocks, 600 steps (1/4 of the compute)", {"steps": 600}, False),
     ],
