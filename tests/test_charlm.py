@@ -140,7 +140,7 @@ def test_the_posterior_readout_adds_what_z_tells_to_the_heads_logits(tmp_path, p
     _, posterior = task.denoise(inputs, z, z_in, sigma, layers)
     task.options.readout = "head"
     _, head = task.denoise(inputs, z, z_in, sigma, layers)
-    table = task.target(torch.arange(len(task.target_table())))
+    table = task.target(torch.arange(len(task.target_table())))  # y_v of every token v
     torch.testing.assert_close(posterior, head + likelihood_logits(z, sigma, table), rtol=1e-5, atol=1e-2)
     # At σ_min z names the character: the posterior is right whatever the head says.
     assert posterior[:, -ids.shape[1]:].argmax(-1).eq(ids).all()

@@ -191,6 +191,11 @@ class CharacterLM(corpora.TextBatches):
         """y: the target embedding of each token, L2-normalised to model.target_norm."""
         return self.options.target_norm * F.normalize(self.target_table()[tokens], dim=-1)
 
+    def every_target(self) -> torch.Tensor:
+        """[V, d]: y of every token, row v the target of token v."""
+        table = self.target_table()
+        return self.target(torch.arange(len(table), device=table.device))
+
     def noisy_input(self, z: torch.Tensor, z_in: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """What the layers read of the noisy target: c_in·z (z_in, as given) or `evidence`."""
         return evidence(z, sigma, self.options.target_norm) if self.options.noisy_input == "evidence" else z_in
@@ -201,8 +206,7 @@ class CharacterLM(corpora.TextBatches):
         rule adds what z tells, so no block spends its layers on reading the answer off z."""
         if self.options.readout == "head":
             return logits
-        r = self.options.target_norm
-        return logits + likelihood_logits(z, sigma, r * F.normalize(self.target_table(), dim=-1))
+        return logits + likelihood_logits(z, sigma, self.every_target())
 
     def run_chain(self, plan, inputs: torch.Tensor, target_shape: tuple[int, ...], steps: int, generator,
                   normalized: bool | None = None) -> torch.Tensor:
@@ -287,7 +291,7 @@ class CharacterLM(corpora.TextBatches):
         inputs, ids = self.denoiser_inputs(batch)
         targets = batch[:, 1:]
         y = self.target(ids)
-        table = self.target(torch.arange(len(self.target_table()), device=batch.device))  # every y, [V, d]
+        table = self.every_target()
         rows, previous = [], None
         for sigma_value in schedule.INFERENCE_SCHEDULES[self.options.inference_schedule](
                 self.num_steps(plan)).tolist():

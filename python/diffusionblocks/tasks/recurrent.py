@@ -21,10 +21,10 @@ L2-normalised embedding of the next character, trained over the whole σ range w
 single pass per step (no unrolling): z = y + σ·ε (one σ per sequence), the core pass on
 [c_in·z ; e] conditioned on σ gives F, D = c_skip·z + c_out·F, logits = readout(D) (the
 coda and head conditioned on σ too) + ⟨z, y_v⟩/σ², z's log-likelihood (model.readout=
-posterior: the head models the context, Bayes' rule adds what z tells), loss λ(σ)·CE. At inference each of the K passes is
-one Euler step along K noise levels (`sampler.denoise_chain`, σ_max -> σ_min, the
-expected target r·softmax(logits)·Ê between steps), so inference with K
-passes costs prelude + K·(core + coda) layer evaluations: the readout (coda) runs at
+posterior: the head models the context, Bayes' rule adds what z tells), loss λ(σ)·CE.
+At inference each of the K passes is one Euler step along K noise levels
+(`sampler.denoise_chain`, σ_max -> σ_min, the expected target r·softmax(logits)·Ê between
+steps), so inference with K passes costs prelude + K·(core + coda) layer evaluations: the readout (coda) runs at
 every level because the Euler step needs the estimate it gives.
 
 Budget: block-wise trains for the baseline's expected layer evaluations. A baseline step
