@@ -67,6 +67,8 @@ def test_every_generation_metric_is_in_both_modes_reports(tmp_path, monkeypatch)
             for row in list(generation["by_decoding"].values()) + [generation["reference"]]:
                 assert {"mauve_mean", "mauve_std", "evaluator_bpc", "distinct4", "unigram_entropy_bits"} <= set(row)
             assert generation["prompts"] == 8
+            measured_with = generation["measured_with"]
+            assert len(measured_with["evaluator_weights"]) == 16 and "mauve-text" in measured_with["packages"]
             if mode == "blocks":
                 table = metrics["block_table"]
                 assert [row["sigma"] for row in table] == sorted((row["sigma"] for row in table), reverse=True)

@@ -25,6 +25,7 @@ def test_the_text_comparison_runs_reuses_and_tabulates(tmp_path, monkeypatch, ca
     for needle in ("| e2e | 2 |", "| blocks | chain (greedy readout) |", "| e2e | top-p |",
                    "true continuations, half against half", "Per level of the chain, `blocks`"):
         assert needle in table, needle
+    assert table.splitlines()[0].count("MAUVE scored by evaluator") == 1  # one evaluator for every run
     # Run again: everything is reused, and the figures are the same.
     experiments_text.main(args)
     assert json.loads((tmp_path / "out" / "results.json").read_text())["machine"]["runs_reused"] == 5

@@ -379,7 +379,7 @@ class CharacterLM(corpora.TextBatches):
         return {"mauve": headline["mauve_mean"], "mauve_std": headline["mauve_std"],
                 "generation": {"prompts": len(windows), "prompt_chars": prompt_chars,
                                "continuation_chars": self.options.quality_chars, "by_decoding": by_decoding,
-                               "reference": refs.row}}
+                               "reference": refs.row, "measured_with": text_quality.provenance(evaluator)}}
 
     def default_prompts(self) -> list[str]:
         """The starts of the first held-out chunks (model.eval_split): text the model never saw."""

@@ -24,6 +24,7 @@ continuation of C characters (generated, or the true text for the references).
 
 import contextlib
 import hashlib
+import importlib.metadata
 import json
 import math
 import os
@@ -234,6 +235,28 @@ def load_or_train(corpus: text.Corpus, cache_dir: str | Path | None = None,
     weights = {k: v.contiguous() for k, v in model.state_dict().items()}
     _write_atomically(path, lambda tmp: save_file(weights, str(tmp)))
     return model, False
+
+
+# The packages a MAUVE figure depends on besides the evaluator's weights (PCA, k-means).
+MAUVE_STACK = ("mauve-text", "faiss-cpu", "faiss-gpu", "scikit-learn", "numpy", "torch")
+
+
+def provenance(model: EvaluatorLM) -> dict:
+    """What a MAUVE figure was measured with: sha256 (first 16 hex) of the evaluator's weights
+    and the versions of MAUVE_STACK that are installed. The evaluator trains with fixed seeds,
+    but a different torch build or thread count rounds differently, and another scikit-learn
+    or faiss clusters differently, so figures compare only where these agree."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    versions = {}
+    for package in MAUVE_STACK:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return {"evaluator_weights": digest.hexdigest()[:16], "packages": versions}
 
 
 # --- what the evaluator measures ------------------------------------------------------------------

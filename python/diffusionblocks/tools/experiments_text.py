@@ -50,6 +50,9 @@ SETTINGS = {
     "recurrent-text": [
         ("e2e (Huginn)", {"mode": "e2e"}, True),
         ("blocks", {}, True),
+        # Each pass once in the middle of its interval, none at σ_min (schedule.midpoint_sigmas):
+        # inference only, so the same weights as "blocks"; every seed, for MAUVE at K = 4.
+        ("blocks, midpoint levels", {"model.inference_schedule": "midpoint"}, True),
         # The readout before the posterior one: the head's logits alone.
         ("blocks, head readout", {"model.readout": "head"}, False),
         # The budget before it counted the baseline's K core passes: a quarter of its compute.
@@ -204,6 +207,12 @@ def main(argv=None):
     header = (f"Preset `{args.preset}` {' '.join(args.set)}; {machine['cpus']} CPUs, torch threads per run "
               f"{machine['torch_threads_per_run']}, backend {machine['backend']}, torch {machine['torch']}; "
               f"{machine['runs_executed_now']} run(s) now, {args.jobs} at a time, {machine['runs_reused']} reused.")
+    scored_with = {json.dumps(r["metrics"]["generation"]["measured_with"], sort_keys=True)
+                   for reports in results.values() for r in reports
+                   if "measured_with" in r["metrics"].get("generation", {})}
+    for provenance in map(json.loads, sorted(scored_with)):  # more than one: MAUVE compares within each only
+        packages = ", ".join(f"{name} {version}" for name, version in provenance["packages"].items())
+        header += f" MAUVE scored by evaluator {provenance['evaluator_weights']} with {packages}."
     rows = summarize(results, settings)
     table = markdown(rows, header)
     if args.mauve_per_k:
