@@ -244,8 +244,8 @@ MAUVE_STACK = ("mauve-text", "faiss-cpu", "faiss-gpu", "scikit-learn", "numpy", 
 def provenance(model: EvaluatorLM) -> dict:
     """What a MAUVE figure was measured with: sha256 (first 16 hex) of the evaluator's weights
     and the versions of MAUVE_STACK that are installed. The evaluator trains with fixed seeds,
-    but a different torch build or thread count rounds differently, and another scikit-learn
-    or faiss clusters differently, so figures compare only where these agree."""
+    but another torch build or thread count may round differently, and another scikit-learn
+    or faiss may cluster differently, so figures compare only where these agree."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())

@@ -51,8 +51,8 @@ SETTINGS = {
         ("e2e (Huginn)", {"mode": "e2e"}, True),
         ("blocks", {}, True),
         # Each pass once in the middle of its interval, none at σ_min (schedule.midpoint_sigmas):
-        # inference only, so the same weights as "blocks"; every seed, for MAUVE at K = 4.
-        ("blocks, midpoint levels", {"model.inference_schedule": "midpoint"}, True),
+        # inference only, so it trains the weights of "blocks" again; more seeds with --seeds N.
+        ("blocks, midpoint levels", {"model.inference_schedule": "midpoint"}, False),
         # The readout before the posterior one: the head's logits alone.
         ("blocks, head readout", {"model.readout": "head"}, False),
         # The budget before it counted the baseline's K core passes: a quarter of its compute.
